@@ -1,0 +1,180 @@
+"""Jigsaw: a picture cut into tiles with one missing; which of four candidate tiles fills the gap?
+
+The picture is drawn procedurally (a colour gradient under random shapes) and cut into a grid of tiles (2x2 by
+default). The question shows the picture with a hole and, as a second image, four candidates A-D: the right tile,
+the right tile turned or mirrored, and the tiles from the same place in two other pictures. A puzzle is kept only
+when the right tile also continues the neighbouring edges best, which is what the text chain of thought checks. The
+helper image is the completed picture.
+
+    vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageStat
+
+from . import common
+
+VERSION = 1
+SIDE = 144  # picture side in pixels, divisible by every grid
+TURNS = {"turned upside down": Image.Transpose.ROTATE_180, "mirrored left to right": Image.Transpose.FLIP_LEFT_RIGHT,
+         "mirrored top to bottom": Image.Transpose.FLIP_TOP_BOTTOM}
+MIN_GAP = 12.0  # mean absolute pixel difference that tells two tiles, or a good and a bad edge, apart
+
+
+@dataclass
+class Puzzle:
+    grid: int
+    seeds: tuple[int, int, int]  # the picture, and the two pictures the foreign candidates come from
+    missing: int  # tile index, row-major
+    turn: str  # how the turned candidate is turned
+    order: tuple[int, ...]  # candidates A-D: 0 right, 1 turned, 2 and 3 foreign
+    answer: str
+
+    @property
+    def key(self):
+        return self.grid, self.seeds, self.missing, self.turn, self.order
+
+
+def paint(seed: int) -> Image.Image:
+    """A picture: a two-colour gradient under 6-10 random ellipses, rectangles, triangles and bars."""
+    rng = random.Random(seed)
+
+    def color():
+        return tuple(rng.randrange(256) for _ in range(3))
+
+    im = Image.new("RGB", (SIDE, SIDE))
+    d = ImageDraw.Draw(im)
+    a, b = color(), color()
+    horizontal = rng.random() < 0.5
+    for i in range(SIDE):
+        mix = tuple(round(x + (y - x) * i / (SIDE - 1)) for x, y in zip(a, b))
+        d.line([0, i, SIDE, i] if horizontal else [i, 0, i, SIDE], fill=mix)
+    for _ in range(rng.randint(6, 10)):
+        x, y = rng.randrange(-20, SIDE), rng.randrange(-20, SIDE)
+        w, h = rng.randint(20, 80), rng.randint(20, 80)
+        kind = rng.choice(("ellipse", "rectangle", "triangle", "bar"))
+        if kind == "ellipse":
+            d.ellipse([x, y, x + w, y + h], fill=color(), outline=color(), width=2)
+        elif kind == "rectangle":
+            d.rectangle([x, y, x + w, y + h], fill=color())
+        elif kind == "triangle":
+            d.polygon([(x, y + h), (x + w, y + h), (x + rng.randint(0, w), y)], fill=color())
+        else:
+            d.line([x, y, x + w, y + h], fill=color(), width=rng.randint(4, 12))
+    return im
+
+
+def tile_box(grid: int, idx: int) -> tuple[int, int, int, int]:
+    t = SIDE // grid
+    r, c = divmod(idx, grid)
+    return c * t, r * t, (c + 1) * t, (r + 1) * t
+
+
+def gap(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference of two same-size images, 0-255."""
+    return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean) / 3
+
+
+def edge_gaps(picture: Image.Image, grid: int, idx: int, tile: Image.Image) -> float:
+    """How badly ``tile`` continues the picture around tile ``idx``: mean difference between each of its border rows
+    or columns and the neighbouring pixels just outside the hole."""
+    x0, y0, x1, y1 = tile_box(grid, idx)
+    t = x1 - x0
+    pairs = []
+    if y0 > 0:
+        pairs.append((tile.crop((0, 0, t, 1)), picture.crop((x0, y0 - 1, x1, y0))))
+    if y1 < SIDE:
+        pairs.append((tile.crop((0, t - 1, t, t)), picture.crop((x0, y1, x1, y1 + 1))))
+    if x0 > 0:
+        pairs.append((tile.crop((0, 0, 1, t)), picture.crop((x0 - 1, y0, x0, y1))))
+    if x1 < SIDE:
+        pairs.append((tile.crop((t - 1, 0, t, t)), picture.crop((x1, y0, x1 + 1, y1))))
+    return sum(gap(a, b) for a, b in pairs) / len(pairs)
+
+
+def make(p: Puzzle) -> tuple[Image.Image, list[Image.Image]]:
+    """The picture and the candidate tiles in the order A-D."""
+    picture = paint(p.seeds[0])
+    box = tile_box(p.grid, p.missing)
+    right = picture.crop(box)
+    tiles = [right, right.transpose(TURNS[p.turn]), paint(p.seeds[1]).crop(box), paint(p.seeds[2]).crop(box)]
+    return picture, [tiles[i] for i in p.order]
+
+
+def sample(rng, target, grid: int) -> Puzzle | None:
+    """A puzzle with the right tile at letter ``target[1]`` whose candidates differ clearly from each other and whose
+    right tile continues the neighbouring edges clearly best."""
+    order = [1, 2, 3]
+    rng.shuffle(order)
+    order.insert(common.LETTERS.index(target[1]), 0)
+    p = Puzzle(grid, tuple(rng.getrandbits(32) for _ in range(3)), rng.randrange(grid * grid), rng.choice(list(TURNS)),
+               tuple(order), target[1])
+    picture, tiles = make(p)
+    if min(gap(a, b) for i, a in enumerate(tiles) for b in tiles[i + 1:]) < MIN_GAP:
+        return None
+    edges = sorted(edge_gaps(picture, grid, p.missing, t) for t in tiles)
+    right = edge_gaps(picture, grid, p.missing, tiles[order.index(0)])
+    return p if right == edges[0] and edges[1] - right >= MIN_GAP else None
+
+
+def render(p: Puzzle, rid: str, writer: common.DatasetWriter) -> dict:
+    picture, tiles = make(p)
+    t = SIDE // p.grid
+    holed = picture.copy()
+    d = ImageDraw.Draw(holed)
+    box = tile_box(p.grid, p.missing)
+    d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(200, 200, 200), outline=(90, 90, 90))
+    font = ImageFont.load_default(max(12, t // 2))
+    d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "?", fill=(90, 90, 90), font=font, anchor="mm")
+    pad, label = 8, 16
+    board = Image.new("RGB", (2 * t + 3 * pad, 2 * (t + label) + 3 * pad), (255, 255, 255))
+    d = ImageDraw.Draw(board)
+    small = ImageFont.load_default(13)
+    for i, tile in enumerate(tiles):
+        x, y = pad + (i % 2) * (t + pad), pad + (i // 2) * (t + label + pad)
+        d.text((x + t / 2, y + label / 2), common.LETTERS[i], fill=(0, 0, 0), font=small, anchor="mm")
+        board.paste(tile, (x, y + label))
+        d.rectangle([x - 1, y + label - 1, x + t, y + label + t], outline=(90, 90, 90))
+    images = [writer.save(holed, rid), writer.save(board, f"{rid}-candidates"), writer.save(picture, f"{rid}-full")]
+    options = [f"candidate tile {common.LETTERS[i]}" for i in range(4)]
+    question = common.multiple_choice(
+        "The first image is a picture with one tile missing (the grey square with a question mark). The second image "
+        "shows four candidate tiles. Which candidate fills the gap?", options)
+    r, c = divmod(p.missing, p.grid)
+    scores = [edge_gaps(picture, p.grid, p.missing, tile) for tile in tiles]
+    turned = common.LETTERS[p.order.index(1)]
+    cot = (f"The missing tile is at row {r + 1}, column {c + 1} of the {p.grid}x{p.grid} grid. The right tile must "
+           f"continue the colours and shapes across every edge it shares with its neighbours. Comparing each "
+           f"candidate's border with the pixels next to the gap (mean difference on a 0-255 scale): "
+           + ", ".join(f"{common.LETTERS[i]} {s:.0f}" for i, s in enumerate(scores))
+           + f". Candidate {p.answer} matches best; candidate {turned} is the same tile {p.turn}, and the other two "
+           f"come from different pictures.")
+    steps = ["Let me picture the completed image with the best-fitting candidate in the gap.", 2,
+             f"With candidate {p.answer} in place, colours and shapes continue across every edge."]
+    meta = {"question_type": "missing_tile", "grid": p.grid, "missing": [r, c], "options": options,
+            "text_cot": f"{cot} The answer is {p.answer}."}
+    return common.make_record(rid, "jigsaw", images, [0, 1, question], steps, p.answer, meta)
+
+
+def parser():
+    p = common.synthetic_parser("jigsaw", __doc__)
+    p.add_argument("--grid", type=int, choices=(2, 3, 4), default=2, help="tiles per side")
+    return p
+
+
+def build(args) -> None:
+    targets = [("missing_tile", letter) for letter in common.LETTERS[:4]]
+    common.synthesize(args, "jigsaw", VERSION, targets, lambda rng, t: sample(rng, t, args.grid), render)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run(parser(), build, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

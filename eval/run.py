@@ -1,0 +1,301 @@
+"""``vlatent eval``: evaluate a ``LatentVLM`` on MMMU, MMStar or a synthetic task; batched, resumable, shardable.
+
+    vlatent eval --model ckpt/ --bench mmmu --out runs/mmmu                  # MMMU/MMMU from the hub, validation split
+    vlatent eval --model ckpt/ --bench mmstar --data ~/MMStar --out runs/mmstar --prompt vlmevalkit
+    vlatent eval --model ckpt/ --bench maze --data data/maze --out runs/maze --latent off
+    torchrun --nproc_per_node 8 -m vlatent.cli eval --model ckpt/ --bench mmmu --data ~/MMMU --out runs/mmmu
+
+Each batch's prediction rows are appended to ``OUT/predictions.jsonl`` and flushed as soon as they are made; rerunning
+the same command skips the ids already there (``OUT/run.json`` keeps the settings, and a rerun with other settings is
+refused rather than mixed in). Under ``torchrun`` (``RANK`` / ``WORLD_SIZE``) rank r takes examples r::N into
+``predictions.rank{r}.jsonl``, and rank 0, once every example has a row, merges them into ``predictions.jsonl``. Rank 0
+then scores the run from ``predictions.jsonl`` alone (``scores.json``) and writes ``report.md`` and ``scores.png``.
+
+``--latent on`` starts every answer with the method's latent start token, so the model thinks visually (its K latent
+steps) before it writes; ``off`` leaves the answer to the model, which may still open a latent segment itself. The
+default is ``on`` for methods with latent tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vlatent.generation import Generation, TextSegment
+from vlatent.model import LatentVLM
+
+from .benchmarks import (BENCHMARKS, PROMPTS, Benchmark, EvalError, Example, ImageError, get_benchmark, judge,
+                         load_examples, score)
+from .report import write_report
+
+PREDICTIONS = "predictions.jsonl"
+POLL_SECONDS = 2.0  # how often rank 0 looks for the other ranks' rows
+
+
+def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: str | os.PathLike, *,
+             split: str | None = None, batch_size: int = 8, max_new_tokens: int = 256, latent: str | None = None,
+             limit: int | None = None, prompt: str = "official", rank: int | None = None,
+             world_size: int | None = None, progress: bool = True) -> dict:
+    """Evaluate an already loaded ``model`` on ``bench`` into the folder ``out`` (see the module docstring).
+
+    ``data``: hub id or folder (None: the benchmark's hub id; the synthetic tasks need a ``data_builders`` folder).
+    ``limit``: the first N examples only. ``rank`` / ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that
+    torchrun sets. Returns the scores on rank 0 (what ``scores.json`` holds) and ``{}`` on the other ranks. Bad input
+    -> ``EvalError``; an example that cannot run becomes an error row, never an exception.
+    """
+    bench = get_benchmark(bench)
+    split = split or bench.default_split
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    latent = _latent_mode(model, latent)
+    if batch_size < 1 or max_new_tokens < 1:
+        raise EvalError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
+    examples = load_examples(bench, None if data is None else str(data), split, prompt)[:limit]
+    out = Path(out)
+    settings = {"model": _where(model.backbone.model.name_or_path), "method": model.method.name,
+                "bench": bench.name, "data": _where(data or bench.hub_id), "split": split, "prompt": prompt,
+                "latent": latent, "max_new_tokens": max_new_tokens}
+    _claim(out, settings)
+
+    own = out / (PREDICTIONS if world_size == 1 else f"predictions.rank{rank}.jsonl")
+    _drop_partial_line(own)
+    done = {row["id"] for row in _all_rows(out)}
+    shard = examples[rank::world_size]
+    todo = [ex for ex in shard if ex.id not in done]
+    prefix = model.method.config.latent_start_token if latent == "on" else None
+    desc = bench.name if world_size == 1 else f"{bench.name} rank {rank}/{world_size}"
+    with open(own, "a", encoding="utf-8") as f, tqdm(total=len(shard), initial=len(shard) - len(todo), desc=desc,
+                                                      unit="ex", position=rank, disable=not progress) as bar:
+        for i in range(0, len(todo), batch_size):
+            rows = _run_batch(model, bench, todo[i:i + batch_size], max_new_tokens, prefix)
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            f.flush()
+            bar.update(len(rows))
+    if rank != 0:
+        return {}
+    rows = _merge(out, examples)
+    scores = score(bench, rows)
+    _write_json(out / "scores.json", scores)
+    write_report(out, bench.kind, settings, scores, rows)
+    return scores
+
+
+def _latent_mode(model: LatentVLM, latent: str | None) -> str:
+    uses = model.method.uses_latents
+    if latent is None:
+        return "on" if uses else "off"
+    if latent not in ("on", "off"):
+        raise EvalError(f"latent must be 'on' or 'off', got {latent!r}")
+    if latent == "on" and not uses:
+        raise EvalError(f"--latent on needs a method with latent tokens; {model.method.name!r} has none")
+    return latent
+
+
+def _where(path_or_id) -> str:
+    """A local path made absolute (so the same run is recognised from another working folder), a hub id as is."""
+    return str(Path(path_or_id).expanduser().resolve()) if Path(path_or_id).expanduser().exists() else str(path_or_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One batch
+
+
+def _run_batch(model: LatentVLM, bench: Benchmark, batch: list[Example], max_new_tokens: int,
+               prefix: str | None) -> list[dict]:
+    """Prediction rows for ``batch``, in order. An example whose row is bad, whose image does not decode or whose
+    generation fails on its own becomes an error row; the others are generated together."""
+    rows, ready, images = {}, [], []
+    start = time.perf_counter()
+    for ex in batch:
+        reason = ex.error
+        if reason is None:
+            try:
+                images.append(ex.open_images())
+                ready.append(ex)
+                continue
+            except ImageError as e:
+                reason = str(e)
+        rows[ex.id] = _error_row(ex, reason)
+    results = _generate(model, ready, images, max_new_tokens=max_new_tokens, prefix=prefix)
+    seconds = (time.perf_counter() - start) / max(len(ready), 1)
+    for ex, result in zip(ready, results):
+        rows[ex.id] = _row(bench, ex, result, seconds) if isinstance(result, Generation) else _error_row(ex, result)
+    return [rows[ex.id] for ex in batch]
+
+
+def _generate(model: LatentVLM, examples: list[Example], images: list, **kwargs) -> list[Generation | str]:
+    """One ``Generation`` per example; if the batch fails, each example alone, so a failure costs only the example
+    that causes it (its entry is then the reason)."""
+    if not examples:
+        return []
+    try:
+        return model.generate(images, [ex.prompt for ex in examples], **kwargs)
+    except Exception as e:  # a prompt too long, out of memory, ...: whatever it is, it must not take the batch down
+        if len(examples) == 1:
+            return [f"generation failed: {type(e).__name__}: {e}"]
+        return [_generate(model, [ex], [image], **kwargs)[0] for ex, image in zip(examples, images)]
+
+
+def _row(bench: Benchmark, ex: Example, gen: Generation, seconds: float) -> dict:
+    return {"id": ex.id, **ex.info, "answer": ex.answer, "output": gen.text, **judge(bench, ex, gen.text),
+            "latent_tokens": sum(seg.k for seg in gen.latent_segments),
+            "text_tokens": sum(len(seg.token_ids) for seg in gen.segments if isinstance(seg, TextSegment)),
+            "finish": gen.finish_reason, "seconds": round(seconds, 4), "error": None}
+
+
+def _error_row(ex: Example, reason: str) -> dict:
+    return {"id": ex.id, **ex.info, "answer": ex.answer, "output": None, "parsed": None, "fallback": False,
+            "correct": False, "latent_tokens": 0, "text_tokens": 0, "finish": None, "seconds": 0.0, "error": reason}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def _claim(out: Path, settings: dict) -> None:
+    """Record the settings in ``OUT/run.json``, or check that a rerun has the same ones (rows made with other
+    settings would be mixed into one score)."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {str(out)!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run.json"
+    if not path.is_file():
+        _write_json(path, settings)
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+    if changed:
+        raise EvalError(f"{out} holds a run with other settings ({'; '.join(changed)}); choose another --out")
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several ranks may write run.json at once
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a line left half-written by a killed run, so appended rows start on a line of their own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of one predictions file; a last line without its newline is still being written (or was cut) and is
+    left out."""
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path} line {n}: not a JSON row ({e}); delete the line to redo that example") from None
+    return rows
+
+
+def _all_rows(out: Path) -> list[dict]:
+    files = [out / PREDICTIONS, *sorted(out.glob("predictions.rank*.jsonl"))]
+    return [row for f in files if f.is_file() for row in _read_rows(f)]
+
+
+def _merge(out: Path, examples: list[Example]) -> list[dict]:
+    """Wait until every example has a row in some predictions file (the other ranks are still writing theirs), then
+    write all rows, each id once and in dataset order, to ``predictions.jsonl`` and remove the rank files."""
+    ids = {ex.id for ex in examples}
+    missing = ids - {row["id"] for row in _all_rows(out)}
+    if missing:
+        print(f"waiting for the other ranks: {len(missing)} examples to go", file=sys.stderr)
+    while missing:
+        time.sleep(POLL_SECONDS)
+        missing = ids - {row["id"] for row in _all_rows(out)}
+    rows: dict[str, dict] = {}
+    for row in _all_rows(out):
+        rows.setdefault(row["id"], row)
+    order = {ex.id: i for i, ex in enumerate(examples)}
+    merged = sorted(rows.values(), key=lambda row: order.get(row["id"], len(order)))
+    tmp = out / f"{PREDICTIONS}.tmp"
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged), encoding="utf-8")
+    os.replace(tmp, out / PREDICTIONS)
+    for path in out.glob("predictions.rank*.jsonl"):
+        path.unlink()
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlatent eval", description="Evaluate a LatentVLM on MMMU, MMStar or a synthetic "
+                                "task: batched, resumable, shardable with torchrun. See eval/README.md.")
+    p.add_argument("--model", required=True, help="vlatent checkpoint folder or hub id")
+    p.add_argument("--method", default=None, help="latent method, for a base VLM without vlatent_config.json")
+    p.add_argument("--bench", required=True, choices=list(BENCHMARKS))
+    p.add_argument("--data", default=None,
+                   help="hub id or folder of the hub's parquet files (default: the benchmark's hub id); for a "
+                        "synthetic task, a folder written by `vlatent build-data`")
+    p.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
+    p.add_argument("--split", default=None, help="default: validation (MMMU), val (MMStar), test (synthetic)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="examples per generation batch (default: 8)")
+    p.add_argument("--max-new-tokens", type=_positive, default=256,
+                   help="positions generated per answer, latent steps included (default: 256)")
+    p.add_argument("--latent", choices=("on", "off"), default=None,
+                   help="on: start each answer in latent mode; off: leave it to the model (default: on when the "
+                        "method has latent tokens)")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N examples only")
+    p.add_argument("--prompt", choices=PROMPTS, default="official",
+                   help="MMMU / MMStar prompt template (default: official)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: as saved in the checkpoint")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    return p
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        model = _load_model(args)
+        scores = evaluate(model, args.bench, args.data, args.out, split=args.split, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, latent=args.latent, limit=args.limit,
+                          prompt=args.prompt)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if scores:
+        print(f"{args.bench}: {100 * scores['overall']:.2f}% of {scores['num']} ({scores['errors']} errors); "
+              f"{Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _load_model(args) -> LatentVLM:
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    try:
+        model = LatentVLM.from_pretrained(args.model, method=args.method,
+                                          dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(f"--model {args.model!r}: {e}") from None
+    return model.to(device).eval()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

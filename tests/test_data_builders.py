@@ -1,0 +1,483 @@
+"""Data builders: every synthetic task builds a loadable, balanced, de-duplicated, deterministic dataset with right
+answers; each converter maps its public schema field by field; bad input is an error with exit code 2, never a
+half-written split."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter, defaultdict, deque
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the apps are not installed packages; import them from the checkout, as the CLI does
+
+from data_builders import BUILDERS, maze, vsp  # noqa: E402
+from data_builders.__main__ import main  # noqa: E402
+from vlatent.cli import main as vlatent_main  # noqa: E402
+from vlatent.data import load_records  # noqa: E402
+
+SPLITS = ("train", "val", "test")
+SMALL = {"maze": ["--size", "3-6"], "vsp": [], "jigsaw": [], "depth": [], "count": []}
+
+
+def build(name, out, *args, n=48, seed=0):
+    return main([name, "--out", str(out), "--n", str(n), "--seed", str(seed), *SMALL.get(name, []), *args])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Each synthetic task built once: {name: folder}."""
+    root = tmp_path_factory.mktemp("built")
+    for name in BUILDERS:
+        assert build(name, root / name) == 0
+    return {name: root / name for name in BUILDERS}
+
+
+def assistant_text(record):
+    return " ".join(c["text"] for m in record["messages"] if m["role"] == "assistant" for c in m["content"]
+                    if c["type"] == "text")
+
+
+def user_text(record):
+    return " ".join(c["text"] for c in record["messages"][0]["content"] if c["type"] == "text")
+
+
+def latents(record):
+    return [c["image"] for m in record["messages"] for c in m["content"] if c["type"] == "latent"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic tasks
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_builder_writes_valid_balanced_records(built, name):
+    folder = built[name]
+    info = json.loads((folder / "dataset_info.json").read_text())
+    assert info["builder"] == name and info["version"] >= 1 and info["seed"] == 0 and info["arguments"]["n"] == 48
+    assert sorted(p.name for p in folder.iterdir()) == ["dataset_info.json", "images", "test.jsonl", "train.jsonl",
+                                                        "val.jsonl"]
+    for split in SPLITS:
+        records = load_records(folder, split=split)
+        assert len(records) == info["counts"][split] > 0
+        assert Counter(r["answer"] for r in records) == Counter(info["answers"][split])
+        by_type = defaultdict(Counter)
+        for r in records:
+            assert r["task"] == name and r["id"].startswith(f"{name}-{split}-")
+            assert r["messages"][0]["content"][0] == {"type": "image", "image": 0}
+            assert latents(r), "every synthetic example thinks through at least one latent step"
+            assert assistant_text(r).endswith(f"The answer is {r['answer']}.")
+            assert r["meta"]["text_cot"].endswith(f"The answer is {r['answer']}.") and "{" not in r["meta"]["text_cot"]
+            if "options" in r["meta"]:
+                letters = "ABCD"[:len(r["meta"]["options"])]
+                assert r["answer"] in letters
+                assert "\n".join(f"{k}. {o}" for k, o in zip(letters, r["meta"]["options"])) in user_text(r)
+            by_type[r["meta"]["question_type"]][r["answer"]] += 1
+        for counts in by_type.values():  # every answer of a question type as often as any other, give or take one
+            assert max(counts.values()) - min(counts.values()) <= 1, counts
+    assert sum(info["counts"].values()) == 48 and info["counts"]["train"] > info["counts"]["val"]
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_no_duplicates_within_or_across_splits(built, name):
+    """Same question text and same question images = the same example."""
+    keys = Counter()
+    for split in SPLITS:
+        for r in load_records(built[name], split=split):
+            shown = [r["images"][c["image"]] for c in r["messages"][0]["content"] if c["type"] == "image"]
+            keys[(user_text(r), *(hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in shown))] += 1
+    assert max(keys.values()) == 1
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_loads_with_hf_datasets(built, name, tmp_path):
+    folder = built[name]
+    ds = datasets.load_dataset("json", data_files={s: str(folder / f"{s}.jsonl") for s in SPLITS},
+                               cache_dir=str(tmp_path / "cache"))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    assert {s: len(ds[s]) for s in SPLITS} == info["counts"]
+    assert len(load_records(ds["train"], root=folder)) == info["counts"]["train"]
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    for out, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert build("maze", tmp_path / out, n=20, seed=seed) == 0
+    for split in SPLITS:
+        a, b, c = ((tmp_path / out / f"{split}.jsonl").read_bytes() for out in "abc")
+        assert a == b and a != c
+    images = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert images and all((tmp_path / "a" / "images" / p).read_bytes() == (tmp_path / "b" / "images" / p).read_bytes()
+                          for p in images)
+
+
+def bfs(cells, size, start):
+    """Independent check of the maze builder: the move sequence to every reachable cell."""
+    steps = {"up": (-size, 1), "down": (size, 2), "left": (-1, 4), "right": (1, 8)}
+    routes, queue = {start: []}, deque([start])
+    while queue:
+        cell = queue.popleft()
+        for d, (delta, bit) in steps.items():
+            if cells[cell] & bit and cell + delta not in routes:
+                routes[cell + delta] = routes[cell] + [d]
+                queue.append(cell + delta)
+    return routes
+
+
+def follows(cells, size, start, route_text):
+    steps = {"up": (-size, 1), "down": (size, 2), "left": (-1, 4), "right": (1, 8)}
+    cell = start
+    for run in route_text.split(", "):
+        d, n = run.split()
+        for _ in range(int(n)):
+            if not cells[cell] & steps[d][1]:
+                return None
+            cell += steps[d][0]
+    return cell
+
+
+def test_maze_answers_are_right(built):
+    seen = Counter()
+    for split in SPLITS:
+        for r in load_records(built["maze"], split=split):
+            m = r["meta"]
+            size = m["size"]
+            start, goal = m["start"][0] * size + m["start"][1], m["goal"][0] * size + m["goal"][1]
+            routes = bfs(m["cells"], size, start)
+            qtype = m["question_type"]
+            seen[qtype] += 1
+            if qtype == "reachable":
+                assert r["answer"] == ("yes" if goal in routes else "no")
+            if goal not in routes:
+                assert qtype == "reachable" and len(latents(r)) == 1
+                continue
+            route = routes[goal]
+            run_count = 1 + sum(a != b for a, b in zip(route, route[1:]))
+            assert len(latents(r)) == run_count  # one latent step per straight run
+            assert follows(m["cells"], size, start, m["route"]) == goal and len(route) >= 2
+            if qtype == "first_move":
+                assert r["answer"] == route[0]
+            elif qtype == "turns":
+                assert r["answer"] == str(run_count - 1)
+            elif qtype == "route_mc":
+                for letter, option in zip("ABCD", m["options"]):
+                    assert (follows(m["cells"], size, start, option) == goal) == (letter == r["answer"])
+    assert set(seen) == set(maze.QUESTIONS)
+
+
+def test_vsp_simulate():
+    lake = [[1, 0, -1],
+            [0, 0, 0],
+            [-1, 0, 2]]
+    assert vsp.simulate(lake, ["R", "D", "D", "R"]) == "goal"
+    assert vsp.simulate(lake, "R,D,D,R,U") == "goal"  # the walk ends at the goal
+    assert vsp.simulate(lake, "R,R") == "hole"
+    assert vsp.simulate(lake, ["U"]) == "off-grid"
+    assert vsp.simulate(lake, ["D", "R"]) == "stopped"
+    assert vsp.simulate(lake, []) == "stopped"
+    with pytest.raises(ValueError, match="unknown action 'X'"):
+        vsp.simulate(lake, "R,X")
+
+
+def test_vsp_answers_check_out_by_simulation(built):
+    for split in SPLITS:
+        for r in load_records(built["vsp"], split=split):
+            m = r["meta"]
+            assert sum(v == 1 for row in m["map_desc"] for v in row) == 1 == sum(v == 2 for row in m["map_desc"]
+                                                                                   for v in row)
+            if m["question_type"] == "safe":
+                assert f"Is the action sequence {','.join(m['actions'])} safe?" in user_text(r)
+                assert r["answer"] == ("yes" if vsp.simulate(m["map_desc"], m["actions"]) in ("goal", "stopped")
+                                       else "no")
+            else:
+                for letter, option in zip("ABCD", m["options"]):
+                    assert (vsp.simulate(m["map_desc"], option) == "goal") == (letter == r["answer"])
+
+
+def test_depth_map_is_saved_and_brighter_at_the_closer_point(built):
+    for r in load_records(built["depth"], split="train"):
+        m = r["meta"]
+        depth_map = Image.open(built["depth"] / m["depth_map"])
+        assert depth_map.mode == "L" and r["images"][latents(r)[0]].endswith(m["depth_map"])
+        closer = min(m["depths"], key=m["depths"].get)
+        assert closer == r["answer"] and max(m["depths"].values()) >= 1.25 * min(m["depths"].values())
+        gray = {k: depth_map.getpixel(tuple(m["points"][k])) for k in "AB"}
+        assert gray[r["answer"]] > gray["B" if r["answer"] == "A" else "A"]
+
+
+def test_count_boxes_the_counted_objects(built):
+    for r in load_records(built["count"], split="train"):
+        assert len(r["meta"]["boxes"]) == int(r["answer"]) and f"{r['meta']['color']} {r['meta']['shape']}s" in \
+            user_text(r)
+
+
+def test_jigsaw_helper_is_the_completed_picture(built):
+    for r in load_records(built["jigsaw"], split="val"):
+        holed, full = Image.open(r["images"][0]).convert("RGB"), Image.open(r["images"][2]).convert("RGB")
+        assert holed.size == full.size and latents(r) == [2]
+        diff = sum(a != b for a, b in zip(holed.getdata(), full.getdata()))
+        tile = (holed.width // r["meta"]["grid"]) ** 2
+        assert 0 < diff <= tile  # they differ only inside the missing tile
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Converters: fixtures in each public schema, written here
+
+
+def png(path, color, size=(32, 24)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def converted(out):
+    records = load_records(out, split="train")
+    assert (out / "val.jsonl").read_text() == "" and json.loads((out / "dataset_info.json").read_text())
+    return {r["id"]: r for r in records}
+
+
+def same_image(record_path, source):
+    return Path(record_path).read_bytes() == Path(source).read_bytes()
+
+
+def test_mirage_converter(tmp_path):
+    src = tmp_path / "src"
+    q, h, q2 = png(src / "imgs/q.png", "red"), png(src / "imgs/h.png", "blue"), png(src / "imgs/q2.png", "green")
+    rows = [{"id": "vsp-1", "text_input": "<image>\nIs R,D safe?", "image_input": ["imgs/q.png"],
+             "text_output": "<think>I draw the route. <output_image> It avoids the holes.</think> \\boxed{yes}",
+             "image_output": "imgs/h.png", "map_desc": [[1, 0], [-1, 2]]},
+            {"id": "jig-2", "text_input": "Which piece fits?", "image_input": "imgs/q2.png",
+             "text_output": "<think>Filling the gap shows \\boxed{B} fits.</think>", "image_output": "imgs/h.png"}]
+    (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["mirage", "--source", str(src / "train.jsonl"), "--out", str(out), "--split", "1,0,0",
+                 "--task", "vsp"]) == 0
+    recs = converted(out)
+    a, b = recs["vsp-1"], recs["jig-2"]
+    assert same_image(a["images"][0], q) and same_image(a["images"][1], h) and a["task"] == "vsp"
+    assert a["messages"] == [
+        {"role": "user", "content": [{"type": "image", "image": 0}, {"type": "text", "text": "Is R,D safe?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "I draw the route."}, {"type": "latent", "image": 1},
+                                          {"type": "text", "text": "It avoids the holes. The answer is yes."}]}]
+    assert a["answer"] == "yes"
+    assert a["meta"] == {"map_desc": [[1, 0], [-1, 2]],
+                         "text_cot": "I draw the route. It avoids the holes. The answer is yes."}
+    # No <image> marker: the input image goes first; no <output_image>: the helper image starts the answer.
+    assert same_image(b["images"][0], q2) and b["answer"] == "B"
+    assert b["messages"][0]["content"] == [{"type": "image", "image": 0}, {"type": "text", "text": "Which piece fits?"}]
+    assert b["messages"][1]["content"] == [{"type": "latent", "image": 1},
+                                           {"type": "text", "text": "Filling the gap shows B fits. The answer is B."}]
+    assert "map_desc" not in b["meta"]
+
+
+def test_monet_converter(tmp_path):
+    src = tmp_path / "src"
+    png(src / "x/q.jpg", "red"), png(src / "x/crop.jpg", "blue")
+    item = {"data": [
+        {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+        {"role": "user", "content": [{"type": "image", "image_file_name": "x/q.jpg"},
+                                     {"type": "text", "text": "What does the sign say? Put the answer in \\boxed{}."}]},
+        {"role": "assistant", "content": [
+            {"type": "text",
+             "text": "<observation>A sign.</observation> Let me zoom in. <abs_vis_token></abs_vis_token>"},
+            {"type": "image", "image": "x/crop.jpg"},
+            {"type": "text", "text": "<observation>It reads 42.</observation> So the answer is \\boxed{42}."}]}],
+        "metadata": {"dataset_name": "Zebra_CoT_count", "sample_id": 17}}
+    bad = json.loads(json.dumps(item))
+    bad["data"][2]["content"][0]["text"] = "Let me zoom in."  # no <abs_vis_token></abs_vis_token> before the image
+    bad["metadata"]["sample_id"] = 18
+    (src / "train.json").write_text(json.dumps([item, bad]))
+    out = tmp_path / "out"
+    assert main(["monet", "--source", str(src / "train.json"), "--out", str(out), "--split", "1,0,0",
+                 "--skip-bad"]) == 0
+    recs = converted(out)
+    assert list(recs) == ["Zebra_CoT_count-17"]
+    r = recs["Zebra_CoT_count-17"]
+    assert same_image(r["images"][0], src / "x/q.jpg") and same_image(r["images"][1], src / "x/crop.jpg")
+    assert r["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+        {"role": "user", "content": [{"type": "image", "image": 0},
+                                     {"type": "text", "text": "What does the sign say? Put the answer in \\boxed{}."}]},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "A sign. Let me zoom in."},  # observation tags before the first image dropped
+            {"type": "latent", "image": 1},
+            {"type": "text", "text": "It reads 42.", "observation": True},
+            {"type": "text", "text": "So the answer is 42. The answer is 42."}]}]
+    assert r["answer"] == "42" and r["task"] == "Zebra_CoT_count"
+    assert r["meta"] == {"dataset_name": "Zebra_CoT_count", "sample_id": "17",
+                         "text_cot": "A sign. Let me zoom in. It reads 42. So the answer is 42. The answer is 42."}
+    assert json.loads((out / "dataset_info.json").read_text())["skipped"] == 1
+
+
+def test_zebra_cot_converter_reads_jsonl_and_parquet_with_embedded_images(tmp_path):
+    src = tmp_path / "src"
+    p1, r1, r2 = png(src / "p1.png", "red"), png(src / "r1.png", "blue"), png(src / "r2.png", "green")
+    row = {"Question": "Find the exit. <image_start>[problem_image_1]<image_end> Which way?",
+           "Text Reasoning Trace": "THOUGHT 0: Trace the corridor. <image_start>[reasoning_image_1]<image_end> "
+                                   "THOUGHT 1: Then turn. <image_start>[reasoning_image_2]<image_end> THOUGHT 2: Done.",
+           "Final Answer": "left", "problem_image_1": "p1.png", "reasoning_image_1": "r1.png",
+           "reasoning_image_2": {"path": "r2.png"}, "reasoning_image_3": None}
+    expected = [
+        {"role": "user", "content": [{"type": "text", "text": "Find the exit."}, {"type": "image", "image": 0},
+                                     {"type": "text", "text": "Which way?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "THOUGHT 0: Trace the corridor."},
+                                          {"type": "latent", "image": 1},
+                                          {"type": "text", "text": "THOUGHT 1: Then turn."},
+                                          {"type": "latent", "image": 2},
+                                          {"type": "text", "text": "THOUGHT 2: Done. The answer is left."}]}]
+    (src / "maze.jsonl").write_text(json.dumps(row) + "\n")
+    as_bytes = {**row, **{k: {"bytes": Path(src / v if isinstance(v, str) else src / v["path"]).read_bytes(),
+                              "path": None} for k, v in row.items() if k.endswith(("_1", "_2"))}}
+    pq.write_table(pa.Table.from_pylist([as_bytes]), src / "maze.parquet")
+    for source in ("maze.jsonl", "maze.parquet"):
+        out = tmp_path / source
+        assert main(["zebra_cot", "--source", str(src / source), "--out", str(out), "--split", "1,0,0",
+                     "--task", "maze"]) == 0
+        (r,) = converted(out).values()
+        assert r["id"] == "maze-000000" and r["task"] == "maze" and r["answer"] == "left"
+        assert r["messages"] == expected
+        assert [Path(p).read_bytes() for p in r["images"]] == [p1.read_bytes(), r1.read_bytes(), r2.read_bytes()]
+        assert r["meta"]["text_cot"] == ("THOUGHT 0: Trace the corridor. THOUGHT 1: Then turn. THOUGHT 2: Done. "
+                                         "The answer is left.")
+
+
+def test_llava_converter(tmp_path):
+    src = tmp_path / "src"
+    png(src / "coco/1.jpg", "red")
+    rows = [{"id": "000000033471", "image": "coco/1.jpg", "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is the bus?"},
+                {"from": "gpt", "value": "Red."},
+                {"from": "human", "value": "Is it moving?"},
+                {"from": "gpt", "value": "No, it is parked."}]},
+            {"id": 7, "image": "coco/1.jpg", "conversations": [  # no <image> marker: the image goes first
+                {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A red bus."}]},
+            {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"},
+                                                  {"from": "gpt", "value": "Hello!"}]}]
+    (src / "llava.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    assert main(["llava", "--source", str(src / "llava.json"), "--out", str(out), "--split", "1,0,0"]) == 0
+    recs = converted(out)
+    a = recs["000000033471"]
+    assert same_image(a["images"][0], src / "coco/1.jpg")
+    assert a["answer"] == "No, it is parked." and a["task"] == "llava"
+    assert a["messages"] == [
+        {"role": "user", "content": [{"type": "image", "image": 0},
+                                     {"type": "text", "text": "What colour is the bus?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Is it moving?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "No, it is parked."}]}]
+    assert recs["7"]["messages"][0]["content"] == [{"type": "image", "image": 0},
+                                                   {"type": "text", "text": "Describe it."}]
+    assert recs["7"]["images"] == a["images"]  # a shared source image is copied once
+    assert recs["text-only"]["images"] == [] and recs["text-only"]["answer"] == "Hello!"
+    assert not any(latents(r) for r in recs.values())
+    assert len(list((out / "images").iterdir())) == 1
+
+
+def test_converter_stops_on_a_bad_record_unless_skip_bad(tmp_path, capsys):
+    src = tmp_path / "src"
+    png(src / "ok.png", "red")
+    rows = [{"id": "good", "image": "ok.png", "conversations": [{"from": "human", "value": "<image> ?"},
+                                                                {"from": "gpt", "value": "ok"}]},
+            {"id": "bad", "image": "missing.png", "conversations": [{"from": "human", "value": "<image> ?"},
+                                                                    {"from": "gpt", "value": "ok"}]}]
+    (src / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    args = ["llava", "--source", str(src / "s.jsonl"), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "s.jsonl line 2" in err and "missing.png" in err and "does not exist" in err and "--skip-bad" in err
+    assert not (tmp_path / "out" / "train.jsonl").exists() and not list((tmp_path / "out").glob("*.tmp"))
+    assert main([*args, "--skip-bad", "--split", "1,0,0"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 record(s)" in err and "s.jsonl line 3: invalid JSON" in err
+    assert list(converted(tmp_path / "out")) == ["good"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input, interruption, tools, command line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["maze", "--n", "0"], "--n: expected a positive integer, got 0"),
+    (["maze", "--size", "9"], "--size: expected N or MIN-MAX between 3 and 8, got '9'"),
+    (["maze", "--questions", "first_move,teleport"], "unknown option 'teleport'"),
+    (["vsp", "--split", "0.5,0.5"], "three fractions"),
+    (["count", "--max-count", "9", "--max-objects", "10"], "--max-objects (10) must leave room"),
+])
+def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, args, message):
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_output_parent_and_bad_sources(tmp_path, capsys):
+    assert main(["maze", "--out", str(tmp_path / "no" / "such" / "dir")]) == 2
+    assert "the parent folder of" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('[{"id": 1,')
+    assert main(["llava", "--source", str(tmp_path / "broken.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "broken.json: invalid JSON" in capsys.readouterr().err
+    assert main(["mirage", "--source", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["teleport"]) == 2 and "unknown builder 'teleport'" in capsys.readouterr().err
+
+
+def test_interrupted_build_leaves_no_complete_looking_split(tmp_path, monkeypatch):
+    out = tmp_path / "maze"
+    assert build("maze", out, n=10) == 0  # a finished build, then an interrupted rebuild into the same folder
+    calls = []
+
+    def render_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        return maze_render(*args)
+
+    maze_render = maze.render
+    monkeypatch.setattr(maze, "render", render_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build("maze", out, n=30)
+    assert sorted(p.name for p in out.iterdir()) == ["images"]
+    assert main(["validate", str(out)]) == 2
+
+
+def test_validate_prints_a_summary_and_names_bad_records(built, tmp_path, capsys):
+    assert main(["validate", str(built["maze"])]) == 0
+    out = capsys.readouterr().out
+    assert "maze v1, seed 0" in out and "train: 38 records" in out and "latents/record" in out
+    assert "ok: 48 records in 3 split(s)" in out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = (built["count"] / "train.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["messages"][1]["content"][1]["image"] = 9
+    (bad / "train.jsonl").write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    (bad / "images").symlink_to(built["count"] / "images")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "record 'count-train-000001'" in err and "messages[1].content[1].image" in err
+
+
+def test_preview_draws_a_grid(built, tmp_path, capsys):
+    assert main(["preview", str(built["maze"]), "--n", "3", "--out", str(tmp_path / "grid.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.width > 400 and im.height > 600
+    assert "3 examples" in capsys.readouterr().out
+
+
+def test_command_line_entry_points(tmp_path, capsys):
+    assert vlatent_main(["build-data"]) == 0 and main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in (*BUILDERS, "mirage", "monet", "zebra_cot", "llava", "validate", "preview"))
+    assert main(["maze", "--help"]) == 0 and "--questions" in capsys.readouterr().out
+    assert vlatent_main(["build-data", "count", "--out", str(tmp_path / "c"), "--n", "6"]) == 0
+    assert json.loads((tmp_path / "c" / "dataset_info.json").read_text())["counts"]["train"] == 4
+    run = subprocess.run([sys.executable, "-m", "data_builders.vsp", "--out", str(tmp_path / "v"), "--n", "4"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "vsp: 100%" in run.stderr
+    assert (tmp_path / "v" / "train.jsonl").read_text().count("\n") == 4

@@ -1,0 +1,111 @@
+"""The interleaved decode loop: KV cache == recompute, batch == rows alone, segment rules, input errors."""
+
+import pytest
+import torch
+
+from vlatent.generation import LATENT_MARKER, LatentSegment, TextSegment
+from vlatent.testing import tiny_image
+
+from conftest import PREFIXES, PROMPTS
+
+IMAGES = [tiny_image(0), tiny_image(1), None]
+
+
+def assert_same(a, b, atol=1e-5):
+    """Two Generations: same segment kinds, same tokens, latents allclose."""
+    assert [type(s) for s in a.segments] == [type(s) for s in b.segments], (a.text, b.text)
+    for x, y in zip(a.segments, b.segments):
+        if isinstance(x, TextSegment):
+            assert x.token_ids == y.token_ids
+        else:
+            torch.testing.assert_close(x.latents, y.latents, atol=atol, rtol=1e-4)
+    assert a.finish_reason == b.finish_reason and a.num_steps == b.num_steps
+
+
+@pytest.mark.parametrize("latent_steps", ["fixed", "auto"])
+def test_cache_matches_recompute(switching_model, latent_steps):
+    kw = dict(max_new_tokens=30, prefix=PREFIXES, latent_steps=latent_steps)
+    cached = switching_model.generate(IMAGES, PROMPTS, use_cache=True, **kw)
+    recomputed = switching_model.generate(IMAGES, PROMPTS, use_cache=False, **kw)
+    assert any(g.latent_segments for g in cached)
+    for a, b in zip(cached, recomputed):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("latent_steps", ["fixed", "auto"])
+def test_batch_with_rows_switching_modes_matches_rows_alone(switching_model, latent_steps):
+    batch = switching_model.generate(IMAGES, PROMPTS, max_new_tokens=30, prefix=PREFIXES, latent_steps=latent_steps)
+    # rows enter latent mode after different numbers of text steps
+    steps_before_latent = set()
+    for g in batch:
+        n = 0
+        for s in g.segments:
+            if isinstance(s, LatentSegment):
+                steps_before_latent.add(n)
+                break
+            n += len(s.token_ids)
+    assert len(steps_before_latent) >= 2
+    for i, row in enumerate(batch):
+        alone = switching_model.generate([IMAGES[i]], [PROMPTS[i]], max_new_tokens=30, prefix=[PREFIXES[i]],
+                                         latent_steps=latent_steps)[0]
+        assert_same(row, alone, atol=1e-4)
+
+
+def test_segment_rules(switching_model):
+    k = switching_model.method.config.num_latent_tokens
+    fixed = switching_model.generate(IMAGES, PROMPTS, max_new_tokens=30, prefix=PREFIXES, latent_steps="fixed")
+    segs = [s for g in fixed for s in g.latent_segments]
+    assert segs and all(s.k == k for s in segs[:-1])  # the last may be cut by max_new_tokens
+    assert any(len(g.latent_segments) >= 2 for g in fixed), "several latent segments per answer"
+    assert all(s.latents.shape[1] == switching_model.backbone.hidden_size for s in segs)
+    auto = switching_model.generate(IMAGES, PROMPTS, max_new_tokens=60, prefix=PREFIXES, latent_steps="auto")
+    assert all(1 <= s.k <= 2 * k for g in auto for s in g.latent_segments)
+    g = fixed[1]
+    assert g.text == "".join(s.text if isinstance(s, TextSegment) else LATENT_MARKER.format(k=s.k)
+                             for s in g.segments)
+    assert isinstance(g.segments[0], LatentSegment)  # the prefix ended in <|latent_start|>
+
+
+def test_mirage_latents_are_fed_back_hidden_states(mirage_model):
+    """Mirage's next latent is the previous position's final hidden state: the first latent equals the prompt's
+    last hidden state."""
+    g = mirage_model.generate([IMAGES[0]], ["Look."], max_new_tokens=3, prefix="<|latent_start|>")[0]
+    from vlatent.generation import _encode
+
+    batch = _encode(mirage_model, [[IMAGES[0]]], ["Look."], ["<|latent_start|>"])
+    with torch.no_grad():
+        h = mirage_model.run_language_model(mirage_model.embed_inputs(batch), batch).last_hidden_state[0, -1]
+    torch.testing.assert_close(g.segments[0].latents[0], h, atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_is_reproducible_with_a_generator(mirage_model):
+    def sample(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [g.text for g in mirage_model.generate(IMAGES, PROMPTS, max_new_tokens=12, do_sample=True,
+                                                      temperature=0.8, top_p=0.9, generator=gen)]
+
+    assert sample(1) == sample(1)
+
+
+def test_text_method_generates_without_latents(tiny_base):
+    from vlatent.model import LatentVLM
+
+    model = LatentVLM.from_pretrained(tiny_base, method="text")
+    gens = model.generate(IMAGES, PROMPTS, max_new_tokens=8)
+    assert all(not g.latent_segments for g in gens)
+    with pytest.raises(ValueError, match="no latent tokens"):
+        model.generate(IMAGES[:1], PROMPTS[:1], prefix="<|latent_start|>")
+
+
+@pytest.mark.parametrize("images, prompts, kwargs, match", [
+    ([42], ["q"], {}, r"images\[0\] must be a PIL.Image"),
+    ([[tiny_image(0), "nope.png"]], ["q"], {}, "does not exist"),
+    ([None, None], ["q"], {}, "one entry per prompt: got 2 for 1 prompts"),
+    ([None], [3], {}, "prompts must be"),
+    ([None], ["q"], {"latent_steps": "sometimes"}, "latent_steps"),
+    ([None], ["q"], {"max_new_tokens": 0}, "max_new_tokens"),
+    ([None], ["q"], {"prefix": ["a", "b"]}, "prefix must be"),
+])
+def test_bad_input_is_named(mirage_model, images, prompts, kwargs, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        mirage_model.generate(images, prompts, **kwargs)

@@ -1,0 +1,153 @@
+"""SFT: recipe and data errors before any step, learning on maze records, real DeepSpeed ZeRO-3 with 2 processes,
+and kill-and-resume to identical weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlatent.model import LatentVLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train.sft import main as sft  # noqa: E402
+
+from test_model import write_records  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def maze(tmp_path_factory):
+    """16 maze records (first-move questions on 4x4 mazes) from the real builder."""
+    out = tmp_path_factory.mktemp("maze") / "data"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "data_builders.maze", "--out", str(out), "--n", "20", "--size", "4",
+                    "--questions", "first_move", "--seed", "0"], check=True, env=env, capture_output=True)
+    return out / "train.jsonl"
+
+
+def recipe(tmp_path, name="r.yaml", **entries):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(entries))
+    return str(path)
+
+
+def tiny_recipe(tmp_path, base, train, method="mirage", **training):
+    return recipe(tmp_path, model=str(base), method=method, data={"train": str(train), "max_length": 1024},
+                  training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
+                            "learning_rate": 3e-3, "max_steps": 30, "lr_scheduler_type": "constant",
+                            "logging_steps": 5, "seed": 0, "disable_tqdm": True, **training})
+
+
+@pytest.mark.parametrize("method, stage", [("mirage", 1), ("mirage", 2), ("text", 1)])
+def test_loss_goes_down_overfitting_maze_records(tmp_path, tiny_base, maze, method, stage):
+    cfg = tiny_recipe(tmp_path, tiny_base, maze, method=method)
+    assert sft(["--config", cfg, "--set", f"method_config={{stage: {stage}}}" if method == "mirage" else
+                "method_config={}"]) == 0
+    logs = [e for e in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "loss" in e]
+    first, last = logs[0]["loss"], logs[-1]["loss"]
+    assert last < 0.6 * first, (method, stage, first, last)
+    assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 1000
+    if method == "mirage" and stage == 1:
+        assert {"loss_ce", "loss_latent_alignment"} <= set(logs[0])
+    assert LatentVLM.from_pretrained(tmp_path / "out").method.config.stage == stage
+
+
+def test_bad_recipes_and_data_fail_before_any_step(tmp_path, tiny_base, maze, capsys):
+    def fails(cfg, match, *extra):
+        assert sft(["--config", cfg, *extra]) == 2
+        assert match in capsys.readouterr().err
+
+    good = dict(model=str(tiny_base), method="mirage", data={"train": str(maze)},
+                training={"output_dir": str(tmp_path / "o")})
+    fails(recipe(tmp_path, **good, learning_rat=1), "unknown key(s) ['learning_rat']")
+    fails(recipe(tmp_path, **{**good, "method": "dreamer"}), "unknown method 'dreamer'")
+    fails(recipe(tmp_path, **{**good, "method_config": {"stag": 2}}), "unknown key(s) ['stag']")
+    fails(recipe(tmp_path, **{**good, "training": {"output_dir": "x", "lr": 1}}), "unknown key(s) ['lr']")
+    (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 3,}}')
+    fails(recipe(tmp_path, **good, deepspeed=str(tmp_path / "bad.json")), "does not parse")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(maze.read_text().replace('"messages"', '"mesages"', 1))
+    fails(recipe(tmp_path, **{**good, "data": {"train": str(broken)}}), "broken.jsonl line 1")
+    fails(recipe(tmp_path, **{**good, "data": {"train": str(maze), "max_length": 40}}), "> max_length=40")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+    (tmp_path / "o").mkdir(exist_ok=True)
+    (tmp_path / "o" / "keep.txt").write_text("earlier run")
+    fails(recipe(tmp_path, **good), "is not empty: pass --overwrite")
+    fails(recipe(tmp_path, **good), "no checkpoint-*", "--resume")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "earlier run"
+
+
+def launch(cfg, nproc, *extra, timeout=420):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "train" / "sft.py"), "--config", cfg, *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=420):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_processes_with_a_text_only_rank(tmp_path, tiny_base):
+    """Two ranks, two records, batch 1: every step one rank has an image + latent segment and the other a
+    text-only record, so ZeRO-3 only survives if both run the same modules (dummy image, dummy targets)."""
+    data = write_records(tmp_path / "data", [("img", 1, True)])
+    text_only = {"id": "text-only", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Say hi."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi. The answer is A."}]}]}
+    with open(data, "a") as f:
+        f.write(json.dumps(text_only) + "\n")
+    cfg = recipe(tmp_path, model=str(tiny_base), method="mirage", data={"train": str(data)},
+                 deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"),
+                 training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 1, "max_steps": 3,
+                           "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True})
+    finish(launch(cfg, 2))
+    model = LatentVLM.from_pretrained(tmp_path / "out")
+    base = LatentVLM.from_pretrained(tiny_base, method="mirage")
+    w, w0 = model.backbone.model.lm_head.weight, base.backbone.model.lm_head.weight
+    assert not torch.allclose(w, w0), "training changed the weights"
+    gen = model.generate([None], ["Say hi."], max_new_tokens=6, prefix="<|latent_start|>")[0]
+    assert gen.latent_segments and gen.num_steps == 6
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, maze):
+    def cfg(name):
+        return recipe(tmp_path, f"{name}.yaml", model=str(tiny_base), method="mirage", data={"train": str(maze)},
+                      deepspeed=str(ROOT / "train" / "ds_configs" / "zero2.json"),
+                      training={"output_dir": str(tmp_path / name), "per_device_train_batch_size": 4,
+                                "gradient_accumulation_steps": 4,  # slow enough steps to kill between saves
+                                "max_steps": 8, "save_strategy": "steps", "save_steps": 4, "learning_rate": 1e-3,
+                                "logging_steps": 1, "seed": 0, "disable_tqdm": True,
+                                "lr_scheduler_type": "linear", "warmup_steps": 2})
+
+    finish(launch(cfg("straight"), 1))
+    killed = cfg("killed")
+    proc = launch(killed, 1)
+    marker = tmp_path / "killed" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    import psutil  # the launcher starts its workers in sessions of their own: kill the whole tree
+
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        p.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert marker.exists() and not (tmp_path / "killed" / "model.safetensors").exists(), "killed too late"
+    out = finish(launch(killed, 1, "--resume"))
+    assert "checkpoint-4" in out or (tmp_path / "killed" / "checkpoint-8").exists()
+    a = LatentVLM.from_pretrained(tmp_path / "straight").state_dict()
+    b = LatentVLM.from_pretrained(tmp_path / "killed").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)

@@ -1,0 +1,1 @@
+"""Training entry points (apps): `python -m train sft --config RECIPE` or `vlatent train sft ...`."""

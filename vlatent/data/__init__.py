@@ -1,0 +1,8 @@
+"""Interleaved text / image / latent data: the record schema and its validation, chat rendering, the collator."""
+
+from .chat import INLINE_IMAGE, render_chat, render_prompt
+from .collator import InterleavedCollator
+from .records import RecordError, load_records, validate_record
+
+__all__ = ["INLINE_IMAGE", "InterleavedCollator", "RecordError", "load_records", "render_chat", "render_prompt",
+           "validate_record"]

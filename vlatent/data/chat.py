@@ -1,0 +1,66 @@
+"""The one place that turns record messages into the backbone's chat text, through its own chat template."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class _InlineImage:
+    def __repr__(self) -> str:
+        return "INLINE_IMAGE"
+
+
+INLINE_IMAGE = _InlineImage()
+"""What ``latent_text(j)`` returns to put helper image j inline as a real image instead of a latent segment."""
+
+
+def render_chat(
+    processor,
+    messages: list[dict],
+    *,
+    latent_text: Callable[[int], str | _InlineImage | tuple],
+    add_generation_prompt: bool = False,
+    observation: tuple[str, str] | None = None,
+) -> tuple[str, list[int]]:
+    """Render validated record messages with the processor's chat template.
+
+    Each ``{"type": "latent", "image": j}`` becomes ``latent_text(j)``: a string (a latent segment; "" drops it),
+    ``INLINE_IMAGE``, or a tuple of those shown one after the other (e.g. ``(INLINE_IMAGE, segment)``: the helper
+    image followed by a latent segment). ``observation=(open, close)`` wraps every text item marked
+    ``"observation": true`` in ``open`` ... ``close``; without it the mark is ignored. Returns the text and the record
+    image indices in the order of their image placeholders.
+    """
+    conversation, order = [], []
+    for msg in messages:
+        content = []
+        for item in msg["content"]:
+            if item["type"] == "text":
+                text = item["text"]
+                if observation is not None and item.get("observation", False):
+                    text = observation[0] + text + observation[1]
+                content.append({"type": "text", "text": text})
+                continue
+            # Templates treat any item with an "image" key as an image, so latent items never reach them as-is.
+            shown = INLINE_IMAGE if item["type"] == "image" else latent_text(item["image"])
+            for part in shown if isinstance(shown, tuple) else (shown,):
+                if part is INLINE_IMAGE:
+                    content.append({"type": "image"})
+                    order.append(item["image"])
+                elif not isinstance(part, str):
+                    raise TypeError(f"latent_text must return a string, INLINE_IMAGE or a tuple of them, got {shown!r}")
+                elif part:
+                    content.append({"type": "text", "text": part})
+        conversation.append({"role": msg["role"], "content": content})
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    found = text.count(processor.image_token)
+    if found != len(order):
+        raise ValueError(f"chat template rendered {found} image placeholders for {len(order)} images")
+    return text, order
+
+
+def render_prompt(processor, text: str, num_images: int, prefix: str = "") -> str:
+    """A generation prompt: one user turn with ``num_images`` images then ``text``, the assistant header, and
+    ``prefix`` verbatim (e.g. the start of an answer the generation loop continues)."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    conversation = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) + prefix

@@ -1,0 +1,168 @@
+"""The record schema: one example = images + chat messages that interleave text, images and latent segments.
+
+A record is checked once, when its dataset is opened, so that training never meets a malformed example; every
+error names the record (its id, or its line when the id is unusable), where it came from and the field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+
+ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image", "latent")
+
+
+class RecordError(ValueError):
+    """A record breaks the schema, or can no longer be read; the message names the record and the field."""
+
+
+def record_error(record_id: str | None, where: str, field: str, problem: str) -> RecordError:
+    """``record 'maze-000017' (train.jsonl line 3): messages[1].content[1].image: <problem>``"""
+    if record_id is not None:
+        who = f"record {record_id!r}" + (f" ({where})" if where else "")
+    else:
+        who = f"record at {where}" if where else "record"
+    return RecordError(f"{who}: {field}: {problem}")
+
+
+def _check_image_file(path: Path) -> str | None:
+    """What is wrong with the image file at ``path``, or None when PIL can read it."""
+    if not path.is_file():
+        return f"image file {str(path)!r} does not exist"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for truncated or non-image files
+        return f"image file {str(path)!r} is not a readable image ({type(e).__name__}: {e})"
+    return None
+
+
+def validate_record(record: Any, root: str | os.PathLike | None, where: str = "", *, check_images: bool = True) -> dict:
+    """Check one record and return a copy with absolute image paths and content items without None fields.
+
+    ``root`` is the folder relative image paths start from (None: paths must be absolute). ``where`` says where the
+    record came from (``"train.jsonl line 3"``) and goes into every error. ``check_images=False`` skips opening the
+    image files (a file gone missing is then reported by the collator).
+    """
+    if not isinstance(record, dict):
+        raise record_error(None, where, "record", f"expected a JSON object, got {type(record).__name__}")
+    rid = record.get("id")
+    if rid is None:
+        raise record_error(None, where, "id", "missing")
+    if not isinstance(rid, str) or not rid:
+        raise record_error(None, where, "id", f"expected a non-empty string, got {rid!r}")
+
+    def fail(field: str, problem: str) -> RecordError:
+        return record_error(rid, where, field, problem)
+
+    images = record.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise fail("images", f"expected a list of path strings, got {images!r}")
+    resolved = []
+    for i, p in enumerate(images):
+        path = Path(p)
+        if not path.is_absolute():
+            if root is None:
+                raise fail(f"images[{i}]", f"relative path {p!r} needs a root folder (pass root=)")
+            path = Path(root) / path
+        path = path.resolve()
+        if check_images and (problem := _check_image_file(path)):
+            raise fail(f"images[{i}]", problem)
+        resolved.append(str(path))
+
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise fail("messages", f"expected a non-empty list of turns, got {messages!r}")
+    clean_messages = []
+    for m, msg in enumerate(messages):
+        at = f"messages[{m}]"
+        if not isinstance(msg, dict):
+            raise fail(at, f"expected an object with 'role' and 'content', got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise fail(f"{at}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        content = msg.get("content")
+        if not isinstance(content, list):
+            raise fail(f"{at}.content", f"expected a list of content items, got {type(content).__name__}")
+        items = []
+        for c, item in enumerate(content):
+            at_c = f"{at}.content[{c}]"
+            if not isinstance(item, dict):
+                raise fail(at_c, f"expected an object, got {type(item).__name__}")
+            # Arrow-backed datasets give every item the union of all fields, the missing ones as None.
+            item = {k: v for k, v in item.items() if v is not None}
+            kind = item.get("type")
+            if kind not in CONTENT_TYPES:
+                raise fail(f"{at_c}.type", f"unknown content type {kind!r}; expected one of {', '.join(CONTENT_TYPES)}")
+            if kind == "text" and not isinstance(item.get("text"), str):
+                raise fail(f"{at_c}.text", f"expected a string, got {item.get('text')!r}")
+            if kind in ("image", "latent"):
+                idx = item.get("image")
+                if not isinstance(idx, int) or isinstance(idx, bool):
+                    raise fail(f"{at_c}.image", f"expected an integer index into images, got {idx!r}")
+                if not 0 <= idx < len(resolved):
+                    raise fail(f"{at_c}.image", f"index {idx} out of range for {len(resolved)} images")
+            if kind == "latent" and role != "assistant":
+                raise fail(at_c, f"latent segment in a {role} turn; latents belong to assistant turns")
+            if "observation" in item and not isinstance(item["observation"], bool):
+                raise fail(f"{at_c}.observation", f"expected true or false, got {item['observation']!r}")
+            items.append(item)
+        if role == "assistant" and all(it["type"] == "text" and not it["text"].strip() for it in items):
+            raise fail(f"{at}.content", "empty assistant turn (no content, or only empty text)")
+        clean_messages.append({**msg, "content": items})
+    if not any(msg["role"] == "assistant" for msg in clean_messages):
+        raise fail("messages", "no assistant turn, so nothing to train on")
+    return {**record, "images": resolved, "messages": clean_messages}
+
+
+def load_records(
+    source: str | os.PathLike | Iterable[dict],
+    *,
+    split: str | None = None,
+    root: str | os.PathLike | None = None,
+    check_images: bool = True,
+) -> list[dict]:
+    """Open a dataset and validate every record: a ``.jsonl`` file, a folder with ``split="train"`` (reads
+    ``train.jsonl``), or an HF ``datasets.Dataset`` / list of dicts with the same columns.
+
+    Relative image paths start from the jsonl's folder, or from ``root`` (required for relative paths in a
+    dataset). Returns the records with absolute image paths; raises ``RecordError`` at the first bad record.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            if split is None:
+                raise ValueError(f"{str(path)!r} is a folder: pass split= to pick '{{split}}.jsonl' inside it")
+            path = path / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no dataset file at {str(path)!r}")
+        rows = _read_jsonl(path)
+        root = path.parent if root is None else root
+    else:
+        rows = ((f"row {i}", row) for i, row in enumerate(source))
+
+    records, seen = [], {}
+    for where, row in rows:
+        rec = validate_record(row, root, where, check_images=check_images)
+        if rec["id"] in seen:
+            raise record_error(rec["id"], where, "id", f"duplicate id, first used at {seen[rec['id']]}")
+        seen[rec["id"]] = where
+        records.append(rec)
+    return records
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise record_error(None, where, "line", f"invalid JSON ({e})") from None

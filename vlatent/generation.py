@@ -1,0 +1,233 @@
+"""The interleaved text <-> latent decode loop: one loop for every method, batched, on the KV cache.
+
+Each step runs one forward over the whole batch. A row is in text mode (next input = embedding of the sampled
+token) or latent mode (next input = ``method.next_latent(last hidden)``), chosen per row by a mask, so rows
+switch modes at different steps within one batch. A latent step costs what a text step costs: the prefix is
+never recomputed (``use_cache=False`` does recompute it, as the reference the tests compare against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+LATENT_MARKER = "[latent x{k}]"
+
+
+@dataclass
+class TextSegment:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class LatentSegment:
+    latents: torch.Tensor  # (k, hidden): the vectors fed back as inputs, in order
+
+    @property
+    def k(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass
+class Generation:
+    segments: list[TextSegment | LatentSegment] = field(default_factory=list)
+    finish_reason: str = "length"  # "eos" or "length"
+    num_steps: int = 0  # positions generated for this row (text tokens, latent steps, forced end tokens)
+
+    @property
+    def text(self) -> str:
+        """The whole answer, each latent segment shown as a short marker."""
+        return "".join(s.text if isinstance(s, TextSegment) else LATENT_MARKER.format(k=s.k) for s in self.segments)
+
+    @property
+    def latent_segments(self) -> list[LatentSegment]:
+        return [s for s in self.segments if isinstance(s, LatentSegment)]
+
+
+def _as_image(x, where: str) -> Image.Image:
+    if isinstance(x, (str, Path)):
+        if not Path(x).is_file():
+            raise FileNotFoundError(f"{where}: image file {str(x)!r} does not exist")
+        return Image.open(x).convert("RGB")
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    raise ValueError(f"{where} must be a PIL.Image or an image path, got {type(x).__name__}")
+
+
+def _normalize(images, prompts, prefix):
+    """-> (per-row image lists, prompts, per-row prefixes), checking types and counts."""
+    if isinstance(prompts, str):
+        prompts, images = [prompts], [images]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a list of strings")
+    if images is None:
+        images = [None] * len(prompts)
+    if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
+        n = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
+        raise ValueError(f"images must be a list with one entry per prompt: got {n} for {len(prompts)} prompts")
+    rows = []
+    for i, entry in enumerate(images):
+        entry = [] if entry is None else entry if isinstance(entry, (list, tuple)) else [entry]
+        rows.append([_as_image(x, f"images[{i}]") for x in entry])
+    prefixes = [prefix or ""] * len(prompts) if prefix is None or isinstance(prefix, str) else list(prefix)
+    if len(prefixes) != len(prompts):
+        raise ValueError(f"prefix must be a string or one per prompt: got {len(prefixes)} for {len(prompts)} prompts")
+    return rows, list(prompts), prefixes
+
+
+def _encode(model, images, prompts, prefixes):
+    """Render, tokenise and left-pad the prompts into one batch."""
+    from .data import render_prompt
+
+    proc, pad_id = model.processor, model.tokenizer.pad_token_id
+    encs = []
+    for imgs, prompt, pre in zip(images, prompts, prefixes):
+        text = render_prompt(proc, prompt, len(imgs), prefix=pre)
+        encs.append(proc(text=[text], images=imgs or None, return_tensors="pt"))
+    width = max(e["input_ids"].shape[1] for e in encs)
+
+    def left_pad(key, value):
+        return torch.cat([torch.nn.functional.pad(e[key] if key in e else torch.zeros_like(e["input_ids"]),
+                                                  (width - e["input_ids"].shape[1], 0), value=value) for e in encs])
+
+    batch = {"input_ids": left_pad("input_ids", pad_id), "attention_mask": left_pad("attention_mask", 0),
+             "mm_token_type_ids": left_pad("mm_token_type_ids", 0)}
+    with_images = [e for e in encs if "pixel_values" in e]
+    if with_images:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    return {k: v.to(model.device) for k, v in batch.items()}
+
+
+def _pick(logits, do_sample, temperature, top_p, generator):
+    """Greedy or temperature / nucleus sampling over (batch, vocab) logits."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, use_cache: bool = True, latent_steps: str = "fixed", prefix=None,
+             generator: torch.Generator | None = None) -> list[Generation]:
+    """Generate one ``Generation`` per prompt.
+
+    ``images``: one entry per prompt (``None``, a PIL image / path, or a list of them). ``latent_steps="fixed"``
+    runs exactly K latent steps per segment, as trained; ``"auto"`` ends a segment when the LM head prefers the
+    end token (at least one step, at most 2K). ``prefix`` starts the assistant turn with given text; ending it
+    with the latent start token makes that row begin in latent mode.
+    """
+    if latent_steps not in ("fixed", "auto"):
+        raise ValueError(f"latent_steps must be 'fixed' or 'auto', got {latent_steps!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    images, prompts, prefixes = _normalize(images, prompts, prefix)
+
+    backbone, method, tok = model.backbone, model.method, model.tokenizer
+    cfg = method.config
+    uses_latents = method.uses_latents
+    if not uses_latents and any(cfg.latent_start_token in p for p in prefixes):
+        raise ValueError(f"method {method.name!r} has no latent tokens; prefix cannot start a latent segment")
+    k = cfg.num_latent_tokens
+    start_id, end_id, pad_latent_id = cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id
+    stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None}
+    banned = [i for i in (pad_latent_id, end_id) if i is not None]  # never sampled as text
+
+    batch = _encode(model, images, prompts, prefixes)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    n, device = ids.shape[0], ids.device
+    positions = backbone.position_ids(ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attn)  # (3, n, L)
+    next_pos = positions.amax(dim=(0, 2)) + 1  # (n,)
+    embeds = backbone.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (n, L, hidden)
+    out = backbone(embeds, positions, attn, use_cache=use_cache)
+    cache, h = out.past_key_values, out.last_hidden_state[:, -1]  # (n, hidden)
+
+    latent_mode = (ids[:, -1] == start_id) if uses_latents else torch.zeros(n, dtype=torch.bool, device=device)
+    n_latent = torch.zeros(n, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    results = [Generation() for _ in range(n)]
+    text_ids: list[list[int]] = [[] for _ in range(n)]
+    latents: list[list[torch.Tensor]] = [[] for _ in range(n)]
+
+    def flush_text(b):
+        if text_ids[b]:
+            results[b].segments.append(TextSegment(tok.decode(text_ids[b]), text_ids[b]))
+            text_ids[b] = []
+
+    def flush_latents(b):
+        if latents[b]:
+            results[b].segments.append(LatentSegment(torch.stack(latents[b])))
+            latents[b] = []
+
+    for step in range(max_new_tokens):
+        logits = backbone.logits(h).float()  # (n, vocab)
+        if latent_steps == "fixed":
+            end_now = latent_mode & (n_latent >= k)
+        else:
+            end_now = latent_mode & ((n_latent >= 2 * k) | ((n_latent >= 1) & (logits.argmax(-1) == end_id)))
+        if banned:
+            logits[:, banned] = float("-inf")
+        tokens = _pick(logits, do_sample, temperature, top_p, generator)  # (n,)
+        if uses_latents:
+            tokens = torch.where(end_now, end_id, tokens)
+        tokens = torch.where(done, tok.pad_token_id, tokens)
+        feed_latent = latent_mode & ~end_now & ~done
+        next_embeds = backbone.embed_tokens(tokens[:, None])  # (n, 1, hidden)
+        z = None
+        if feed_latent.any():
+            z = method.next_latent(h[feed_latent]).to(next_embeds.dtype)  # (n_latent_rows, hidden)
+            next_embeds[feed_latent, 0] = z
+
+        # bookkeeping (host side, one sync per step)
+        started = torch.zeros_like(done)
+        z_rows = iter(range(z.shape[0])) if z is not None else iter(())
+        for b, (t, fl, en, dn) in enumerate(zip(tokens.tolist(), feed_latent.tolist(), end_now.tolist(),
+                                                done.tolist())):
+            if dn:
+                continue
+            results[b].num_steps += 1
+            if fl:
+                latents[b].append(z[next(z_rows)].float().cpu())
+            elif en:
+                flush_latents(b)
+            elif t in stop_ids:
+                flush_text(b)
+                results[b].finish_reason = "eos"
+                done[b] = True
+            elif uses_latents and t == start_id:
+                flush_text(b)
+                started[b] = True
+            else:
+                text_ids[b].append(t)
+        n_latent = torch.where(feed_latent, n_latent + 1, torch.where(started, 0, n_latent))
+        latent_mode = (latent_mode & ~end_now) | started
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+
+        step_pos = next_pos.view(1, n, 1).expand(3, n, 1)
+        attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
+        if use_cache:
+            out = backbone(next_embeds, step_pos, attn, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        else:  # reference path: the whole prefix again
+            embeds = torch.cat([embeds, next_embeds], dim=1)
+            positions = torch.cat([positions, step_pos], dim=2)
+            out = backbone(embeds, positions, attn)
+        h = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+
+    for b in range(n):
+        flush_text(b)
+        flush_latents(b)
+    return results

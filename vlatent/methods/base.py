@@ -1,0 +1,148 @@
+"""The method protocol: what every latent-reasoning method declares, and the registry that builds one by name.
+
+A method owns (1) its special tokens, (2) its extra modules, (3) how latent slots are filled and which
+named losses it trains during SFT, and (4) how it produces the next latent at inference. ``LatentVLM``
+wires a method to a backbone adapter; trainers, evaluators and the demo only talk to ``LatentVLM``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..model import LatentVLM
+
+
+@dataclass
+class LatentTokens:
+    """The three strings that delimit a latent segment: ``start pad*K end``."""
+
+    start: str = "<|latent_start|>"
+    pad: str = "<|latent_pad|>"
+    end: str = "<|latent_end|>"
+
+    def segment(self, k: int) -> str:
+        return self.start + self.pad * k + self.end
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. Token ids are resolved against the tokenizer when the method is wired to a
+    model and saved with it; nothing downstream hard-codes an id."""
+
+    num_latent_tokens: int = 4  # K: latent vectors per latent segment
+    latent_start_token: str = "<|latent_start|>"
+    latent_pad_token: str = "<|latent_pad|>"
+    latent_end_token: str = "<|latent_end|>"
+    latent_start_id: int | None = None
+    latent_pad_id: int | None = None
+    latent_end_id: int | None = None
+    stage: int = 1
+
+    @property
+    def latent_tokens(self) -> LatentTokens:
+        return LatentTokens(self.latent_start_token, self.latent_pad_token, self.latent_end_token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class LatentMethod(nn.Module):
+    """Base class of all methods. Subclasses set ``name`` and ``config_class`` and override the hooks."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_latents: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig, hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+
+    # -- tokens -------------------------------------------------------------------------------------
+    def special_tokens(self) -> list[str]:
+        """Tokens this method adds to the vocabulary (in this order)."""
+        if not self.uses_latents:
+            return []
+        t = self.config.latent_tokens
+        return [t.start, t.pad, t.end]
+
+    def resolve_token_ids(self, tokenizer) -> None:
+        """Record the tokenizer's ids of the latent tokens in the config (saved with the checkpoint)."""
+        if not self.uses_latents:
+            return
+        c = self.config
+        for attr, tok in (("latent_start_id", c.latent_start_token), ("latent_pad_id", c.latent_pad_token),
+                          ("latent_end_id", c.latent_end_token)):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(f"token {tok!r} of method {self.name!r} is not in the tokenizer")
+            setattr(c, attr, int(tid))
+
+    # -- data ---------------------------------------------------------------------------------------
+    def latent_mode(self) -> str:
+        """What the collator puts where a record has ``{"type": "latent"}``: ``"latent"`` (a latent segment with
+        the helper image as its target), ``"image"`` (the real helper image inline) or ``"drop"`` (nothing)."""
+        return "latent"
+
+    def collator_kwargs(self) -> dict:
+        """Extra ``InterleavedCollator`` arguments this method (and stage) needs."""
+        return {}
+
+    # -- training -----------------------------------------------------------------------------------
+    def training_losses(self, model: "LatentVLM", batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unweighted named losses for one batch (each logged on its own)."""
+        raise NotImplementedError
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each named loss in the total; names missing here weigh 1."""
+        return {}
+
+    # -- inference ----------------------------------------------------------------------------------
+    def next_latent(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The next latent input from the last position's final hidden state. ``(n, hidden) -> (n, hidden)``."""
+        raise NotImplementedError(f"method {self.name!r} does not generate latents")
+
+
+_METHODS: dict[str, type[LatentMethod]] = {}
+
+
+def register_method(cls: type[LatentMethod]) -> type[LatentMethod]:
+    """Class decorator: make a method available to ``create_method(cls.name, ...)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[LatentMethod]:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def create_method(name: str, hidden_size: int, config: MethodConfig | dict | None = None, **overrides) -> LatentMethod:
+    """Build a registered method: ``create_method("mirage", hidden_size=3584, num_latent_tokens=4)``."""
+    cls = method_class(name)
+    if isinstance(config, MethodConfig):
+        cfg = dataclasses.replace(config, **overrides) if overrides else config
+    else:
+        cfg = cls.config_class.from_dict({**(config or {}), **overrides})
+    return cls(cfg, hidden_size)

@@ -1,0 +1,105 @@
+"""Mirage: Machine Mental Imagery (arXiv 2506.17218).
+
+K latent tokens stand where the model "imagines" a helper image. Stage 1 teacher-forces, at the K pad
+positions, the helper image's vision embeddings (frozen ViT + merger, already in LM space, raster order)
+compressed to K vectors, and aligns the hidden state *before* each slot to its target:
+
+    loss = ce_weight * CE(text) + alignment_weight * mean_k (1 - cos(h_{t_k - 1}, target_k))
+
+Stage 2 drops the image supervision: each latent slot is filled with the previous position's final hidden
+state (``next_latent`` is the identity), recurrently and with backpropagation through the chain, and only CE
+is trained. At inference the same identity feeds the last hidden state back as the next input.
+
+Choices the paper leaves open:
+- Compression: the helper image's n merged tokens are split into K contiguous chunks in raster order and
+  each chunk is mean-pooled; when K does not divide n, the first ``n % K`` chunks hold one token more
+  (``torch.tensor_split``). An image with fewer than K tokens is refused (raise min_pixels).
+- Stage 2 is unrolled one latent slot at a time: pass j recomputes the sequence up to the j-th slot of every
+  row (all rows batched), so a row with S latent slots costs S + 1 forward passes. Exact, and the only way
+  several segments per example see their true predecessors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import LatentMethod, MethodConfig, register_method
+
+
+@dataclass
+class MirageConfig(MethodConfig):
+    ce_weight: float = 0.1  # stage 1 text CE weight (paper: 0.1); stage 2 trains CE at weight 1
+    alignment_weight: float = 1.0
+
+
+def pool_to_k(features: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, hidden) -> (k, hidden): mean over k contiguous chunks; the first n % k chunks are one longer."""
+    if features.shape[0] < k:
+        raise ValueError(f"a helper image gives {features.shape[0]} vision tokens, fewer than K={k} latent tokens; "
+                         "use a larger image or min_pixels")
+    return torch.stack([chunk.mean(0) for chunk in torch.tensor_split(features, k)])
+
+
+@register_method
+class Mirage(LatentMethod):
+    name = "mirage"
+    config_class = MirageConfig
+
+    def latent_mode(self) -> str:
+        return "latent"
+
+    def loss_weights(self):
+        if self.config.stage == 1:
+            return {"ce": self.config.ce_weight, "latent_alignment": self.config.alignment_weight}
+        return {"ce": 1.0}
+
+    def next_latent(self, hidden):
+        return hidden
+
+    def training_losses(self, model, batch):
+        if self.config.stage == 1:
+            return self._stage1(model, batch)
+        if self.config.stage == 2:
+            return self._stage2(model, batch)
+        raise ValueError(f"mirage has stages 1 and 2, got stage={self.config.stage}")
+
+    def _stage1(self, model, batch):
+        slots = model.latent_slots(batch)  # (n_slots,) batch index, (n_slots,) position
+        targets = model.latent_targets(batch)  # list over segments of (n_i, hidden)
+        targets = torch.cat([pool_to_k(t, self.config.num_latent_tokens) for t in targets]) if targets else None
+        embeds = model.embed_inputs(batch)
+        if targets is not None:
+            model.check_latent_targets(slots, targets, batch)
+            embeds = embeds.index_put(slots, targets.to(embeds.dtype))
+        hidden = model.run_language_model(embeds, batch).last_hidden_state  # (batch, seq, hidden)
+        losses = {"ce": model.lm_loss(hidden, batch["labels"])}
+        if targets is None:
+            losses["latent_alignment"] = hidden.sum() * 0.0  # keeps the graph (and ZeRO-3 ranks) uniform
+        else:
+            b, t = slots
+            predicted = hidden[b, t - 1]  # (n_slots, hidden): the state that must predict slot t
+            losses["latent_alignment"] = (1 - F.cosine_similarity(predicted.float(), targets.float(), dim=-1)).mean()
+        return losses
+
+    def _stage2(self, model, batch):
+        b, t = model.latent_slots(batch)
+        embeds = model.embed_inputs(batch)
+        positions = model.position_ids(batch)
+        # ordinal of each slot among its row's latent slots: pass j fills every row's j-th slot
+        is_slot = torch.zeros_like(batch["input_ids"], dtype=torch.long)
+        is_slot[b, t] = 1
+        ordinal = (is_slot.cumsum(1) - 1)[b, t]
+        n_passes = model.max_over_ranks(int(ordinal.max()) + 1 if b.numel() else 0)
+        for j in range(n_passes):
+            sel = ordinal == j
+            bj, tj = b[sel], t[sel]
+            upto = int(tj.max()) if bj.numel() else 1  # hidden states at tj - 1 only need positions < upto
+            hidden = model.run_language_model(embeds[:, :upto], batch, positions=positions[..., :upto],
+                                              upto=upto).last_hidden_state
+            # also when empty: a rank with fewer slots keeps the pass in its graph (see LatentVLM.uniform_compute)
+            embeds = embeds.index_put((bj, tj), self.next_latent(hidden[bj, tj - 1]).to(embeds.dtype))
+        hidden = model.run_language_model(embeds, batch, positions=positions).last_hidden_state
+        return {"ce": model.lm_loss(hidden, batch["labels"])}

@@ -1,0 +1,247 @@
+"""``LatentVLM``: a backbone adapter + a latent method + the processor. The one object trainers, evaluators and
+the demo talk to.
+
+A checkpoint is a plain HF checkpoint of the backbone (safetensors, loadable by ``transformers`` alone) plus
+``vlatent_config.json`` (method name and config, token ids) and ``method.safetensors`` (the method's own
+modules, when it has any).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoProcessor
+from transformers.utils import ModelOutput
+
+from . import __version__
+from .backbones import Backbone, backbone_class
+from .methods import LatentMethod, create_method, list_methods, method_class
+
+VLATENT_CONFIG = "vlatent_config.json"
+METHOD_WEIGHTS = "method.safetensors"
+
+
+@dataclass
+class LatentVLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None  # weighted sum of ``losses``
+    losses: dict[str, torch.Tensor] | None = None  # unweighted, by name
+
+
+def _resolve(path_or_hub_id: str | os.PathLike, trust_remote_code: bool):
+    """Local directory or hub id -> (where to load from, HF config); clear errors for anything else."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{str(path)!r} is a directory but not a model: it has no config.json")
+        return str(path), AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    name = str(path_or_hub_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name!r} is not a model directory or a hub id (org/name)")
+    try:
+        return name, AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load {name!r} as a local directory or from the hub: {e}") from e
+
+
+class LatentVLM(nn.Module):
+    def __init__(self, backbone: Backbone, method: LatentMethod, processor):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.processor = processor
+
+    # -- loading and saving ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, method: str | None = None, *, dtype=None, attn_implementation=None,
+                        trust_remote_code: bool = False, **latent_cfg) -> "LatentVLM":
+        """Load a vlatent checkpoint, or a base VLM (adding the method's tokens and resizing the embeddings).
+
+        ``latent_cfg`` overrides method config fields (``num_latent_tokens=8``, ``stage=2``, ...).
+        """
+        source, hf_config = _resolve(path_or_hub_id, trust_remote_code)
+        saved = None
+        if Path(source, VLATENT_CONFIG).is_file():
+            saved = json.loads(Path(source, VLATENT_CONFIG).read_text())
+            if method is not None and method != saved["method"]:
+                raise ValueError(f"{source!r} is a {saved['method']!r} checkpoint; got method={method!r}")
+            method = saved["method"]
+        elif method is None:
+            raise ValueError(f"{source!r} is a base model: pass method= (one of {', '.join(list_methods())})")
+        method_class(method)  # unknown names fail before any weights load
+
+        backbone_cls = backbone_class(hf_config.model_type)
+        kwargs = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        hf_model = backbone_cls.model_class.from_pretrained(source, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        backbone = backbone_cls(hf_model)
+
+        config = dict(saved["method_config"]) if saved else {}
+        config.update(latent_cfg)
+        latent = create_method(method, backbone.hidden_size, config)
+        if saved is None:
+            _add_tokens(backbone, processor.tokenizer, latent.special_tokens())
+        latent.resolve_token_ids(processor.tokenizer)
+        if saved and Path(source, METHOD_WEIGHTS).is_file():
+            latent.load_state_dict(load_file(str(Path(source, METHOD_WEIGHTS))))
+        latent.to(device=hf_model.device, dtype=hf_model.dtype)
+        return cls(backbone, latent, processor)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        """Write the checkpoint. ``state_dict`` (keys as in ``self.state_dict()``) replaces the live weights, as
+        the Trainer passes the consolidated ZeRO-3 weights."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict() if state_dict is None else state_dict
+        backbone = {k.removeprefix("backbone.model."): v for k, v in state.items() if k.startswith("backbone.model.")}
+        method = {k.removeprefix("method."): v.detach().contiguous().cpu()
+                  for k, v in state.items() if k.startswith("method.")}
+        self.backbone.model.save_pretrained(out, state_dict=backbone)
+        self.processor.save_pretrained(out)
+        if method:
+            save_file(method, str(out / METHOD_WEIGHTS))
+        (out / VLATENT_CONFIG).write_text(json.dumps({
+            "vlatent_version": __version__, "family": self.backbone.family,
+            "method": self.method.name, "method_config": self.method.config.to_dict()}, indent=2))
+        return out
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load the weights of a checkpoint written by ``save_pretrained`` into this model, in place (goes through
+        the backbone's ``from_pretrained``, which knows the on-disk key layout)."""
+        if not Path(path, "config.json").is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a vlatent checkpoint: it has no config.json")
+        loaded = type(self.backbone.model).from_pretrained(path, dtype=self.dtype)
+        self.backbone.model.load_state_dict(loaded.state_dict())
+        if Path(path, METHOD_WEIGHTS).is_file():
+            self.method.load_state_dict(load_file(str(Path(path, METHOD_WEIGHTS))))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Activation checkpointing of the backbone, non-reentrant (works with frozen inputs and ZeRO-3)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @property
+    def config(self):
+        """The backbone's HF config (what the Trainer and DeepSpeed read, e.g. hidden sizes)."""
+        return self.backbone.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.model.dtype
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # -- training --------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> LatentVLMOutput:
+        """One training forward on a collated batch: the method's named losses and their weighted sum."""
+        losses = self.method.training_losses(self, batch)
+        weights = self.method.loss_weights()
+        loss = sum(weights.get(name, 1.0) * value for name, value in losses.items())
+        return LatentVLMOutput(loss=loss, losses=losses)
+
+    def collator(self, **kwargs):
+        """The data collator configured for this model's method (latent tokens, K, what a latent step becomes)."""
+        from .data import InterleavedCollator
+
+        uses = self.method.uses_latents
+        return InterleavedCollator(
+            self.processor, latent_tokens=self.method.config.latent_tokens if uses else None,
+            num_latent_tokens=self.method.config.num_latent_tokens, latent_mode=self.method.latent_mode(),
+            **{**self.method.collator_kwargs(), **kwargs})
+
+    # building blocks the methods compose -----------------------------------------------------------------
+    @property
+    def uniform_compute(self) -> bool:
+        """True when training on several ranks: every rank must then run the same modules the same number of
+        times per step (ZeRO-3 gathers parameters module by module), whatever its batch holds."""
+        return self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def max_over_ranks(self, n: int) -> int:
+        """``n`` agreed across ranks (its maximum) when ``uniform_compute``, else ``n``."""
+        if not self.uniform_compute:
+            return n
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def embed_inputs(self, batch) -> torch.Tensor:
+        """(batch, seq, hidden): token embeddings with inline images scattered in."""
+        return self.backbone.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
+                                          uniform=self.uniform_compute)
+
+    def position_ids(self, batch) -> torch.Tensor:
+        return self.backbone.position_ids(batch["input_ids"], batch.get("mm_token_type_ids"),
+                                          batch.get("image_grid_thw"), batch["attention_mask"])
+
+    def run_language_model(self, embeds, batch, positions=None, upto=None, output_hidden_states=False):
+        """The decoder over ``embeds`` (optionally only the first ``upto`` positions)."""
+        positions = self.position_ids(batch) if positions is None else positions
+        mask = batch["attention_mask"] if upto is None else batch["attention_mask"][:, :upto]
+        return self.backbone(embeds, positions, mask, output_hidden_states=output_hidden_states)
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token CE on supervised positions only (the LM head never sees the rest)."""
+        target = labels[:, 1:]
+        keep = target != -100
+        if not keep.any():
+            return hidden.sum() * 0.0
+        logits = self.backbone.logits(hidden[:, :-1][keep]).float()  # (n_supervised, vocab)
+        return F.cross_entropy(logits, target[keep])
+
+    def latent_slots(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch index, position) of every latent pad, row-major: the order targets come in."""
+        return (batch["input_ids"] == self.method.config.latent_pad_id).nonzero(as_tuple=True)
+
+    @torch.no_grad()
+    def latent_targets(self, batch) -> list[torch.Tensor]:
+        """Helper images through the frozen vision tower + projector: one (n_tokens, hidden) per latent segment."""
+        if batch.get("latent_target_pixel_values") is None:
+            if self.uniform_compute:  # keep the tower's call count equal on every rank
+                self.backbone.encode_images(*self.backbone.dummy_image_inputs())
+            return []
+        return self.backbone.encode_images(batch["latent_target_pixel_values"], batch["latent_target_grid_thw"])
+
+    def check_latent_targets(self, slots, targets, batch) -> None:
+        if slots[0].numel() != targets.shape[0]:
+            raise ValueError(
+                f"batch {batch.get('ids')}: {slots[0].numel()} latent pad tokens but {targets.shape[0]} latent targets "
+                f"(K={self.method.config.num_latent_tokens}); was the batch collated for another method or K?")
+
+    # -- inference -------------------------------------------------------------------------------------
+    def generate(self, images, prompts, **kwargs):
+        """Interleaved text/latent generation; see ``vlatent.generation.generate``."""
+        from .generation import generate
+
+        return generate(self, images, prompts, **kwargs)
+
+
+def _add_tokens(backbone: Backbone, tokenizer, tokens: list[str]) -> None:
+    """Add the method's special tokens; grow the embeddings if needed and start the new rows at the mean row."""
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if not new:
+        return
+    tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+    model = backbone.model
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    ids = tokenizer.convert_tokens_to_ids(new)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            emb.weight[ids] = emb.weight[: min(ids)].mean(0, keepdim=True).to(emb.weight.dtype)
