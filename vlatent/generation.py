@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .methods.base import LatentContext
+
 LATENT_MARKER = "[latent x{k}]"
 
 
@@ -151,6 +153,7 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
     next_pos = positions.amax(dim=(0, 2)) + 1  # (n,)
     embeds = backbone.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (n, L, hidden)
     out = backbone(embeds, positions, attn, use_cache=use_cache)
+    state = method.generation_state(model, batch)
     cache, h = out.past_key_values, out.last_hidden_state[:, -1]  # (n, hidden)
 
     latent_mode = (ids[:, -1] == start_id) if uses_latents else torch.zeros(n, dtype=torch.bool, device=device)
@@ -186,7 +189,8 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
         next_embeds = backbone.embed_tokens(tokens[:, None])  # (n, 1, hidden)
         z = None
         if feed_latent.any():
-            z = method.next_latent(h[feed_latent]).to(next_embeds.dtype)  # (n_latent_rows, hidden)
+            context = LatentContext(rows=feed_latent.nonzero().squeeze(1), step=n_latent[feed_latent], state=state)
+            z = method.next_latent(h[feed_latent], context).to(next_embeds.dtype)  # (n_latent_rows, hidden)
             next_embeds[feed_latent, 0] = z
 
         # bookkeeping (host side, one sync per step)

@@ -31,6 +31,15 @@ class LatentTokens:
 
 
 @dataclass
+class LatentContext:
+    """What a method may look at, besides the last hidden state, to produce the next latent at inference."""
+
+    rows: torch.Tensor  # (m,) batch rows that take a latent this step
+    step: torch.Tensor  # (m,) index of this latent within its segment (0 = first after the start token)
+    state: Any = None  # what ``method.generation_state`` returned for this batch (mutable; the method owns it)
+
+
+@dataclass
 class MethodConfig:
     """Fields every method has. Token ids are resolved against the tokenizer when the method is wired to a
     model and saved with it; nothing downstream hard-codes an id."""
@@ -112,8 +121,14 @@ class LatentMethod(nn.Module):
         return {}
 
     # -- inference ----------------------------------------------------------------------------------
-    def next_latent(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The next latent input from the last position's final hidden state. ``(n, hidden) -> (n, hidden)``."""
+    def generation_state(self, model: "LatentVLM", batch: dict[str, torch.Tensor]) -> Any:
+        """Per-batch state built once after the prompt is encoded (e.g. the input images' features), handed to
+        ``next_latent`` as ``context.state``. ``batch`` holds the encoded prompt (input_ids, pixel_values, ...)."""
+        return None
+
+    def next_latent(self, hidden: torch.Tensor, context: LatentContext | None = None) -> torch.Tensor:
+        """The next latent input from the last position's final hidden state. ``(m, hidden) -> (m, hidden)``.
+        ``context`` is given at inference (``None`` in training)."""
         raise NotImplementedError(f"method {self.name!r} does not generate latents")
 
 

@@ -56,7 +56,7 @@ class Mirage(LatentMethod):
             return {"ce": self.config.ce_weight, "latent_alignment": self.config.alignment_weight}
         return {"ce": 1.0}
 
-    def next_latent(self, hidden):
+    def next_latent(self, hidden, context=None):
         return hidden
 
     def training_losses(self, model, batch):

@@ -221,7 +221,7 @@ class Monet(LatentMethod):
             return {"ce": 1.0}
         return {"ce": 1.0, "alignment": self.config.alignment_weight}
 
-    def next_latent(self, hidden):
+    def next_latent(self, hidden, context=None):
         return hidden
 
     def training_losses(self, model, batch):
