@@ -27,6 +27,7 @@ setup(
         "tqdm>=4.66,<5",
         "pyyaml>=6,<7",
         "matplotlib>=3.8,<4",
+        "peft>=0.14,<1",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],

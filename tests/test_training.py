@@ -151,3 +151,30 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, maze):
     b = LatentVLM.from_pretrained(tmp_path / "killed").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_plain_checkpoint(tmp_path, tiny_base, maze):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = tiny_recipe(tmp_path, tiny_base, maze, method="text", max_steps=20)
+    assert sft(["--config", cfg, "--set", "lora={r: 8, lora_alpha: 16}"]) == 0
+    logs = [e for e in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "loss" in e]
+    assert logs[-1]["loss"] < 0.8 * logs[0]["loss"]
+    before = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_base).state_dict()
+    after = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()  # plain HF, no peft
+    assert not any("lora" in k or "base_layer" in k for k in after)
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(before[q], after[q])  # the adapters were merged in
+    norm = "model.language_model.layers.0.input_layernorm.weight"
+    assert torch.equal(before[norm], after[norm])  # the base language model itself stayed frozen
+
+
+def test_lora_recipe_errors_name_the_key(tmp_path, tiny_base, maze, capsys):
+    cfg = tiny_recipe(tmp_path, tiny_base, maze, method="text")
+    assert sft(["--config", cfg, "--set", "lora={rank: 8}"]) == 2
+    assert "lora: unknown key(s) ['rank']" in capsys.readouterr().err
+    from vlatent.training import LoraSettings, apply_lora
+
+    model = LatentVLM.from_pretrained(tiny_base, method="text")
+    with pytest.raises(ValueError, match=r"\['qkv'\] name no linear layer"):
+        apply_lora(model, LoraSettings(target_modules=["qkv"]))

@@ -25,7 +25,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vlatent.data import RecordError, load_records
 from vlatent.model import LatentVLM
-from vlatent.training import LatentTrainer, apply_freezing, load_recipe, plot_losses
+from vlatent.training import (LatentTrainer, LoraSettings, apply_freezing, apply_lora, load_recipe, parameter_counts,
+                              plot_losses)
 
 RUN_FILE = "vlatent_run.json"  # the world size a run was started with: resuming needs the same
 
@@ -103,6 +104,11 @@ def main(argv=None) -> int:
     model = LatentVLM.from_pretrained(recipe.model, method=recipe.method, dtype=recipe.dtype, **recipe.method_config)
     counts = apply_freezing(model, recipe.freeze_vision_tower, recipe.freeze_multi_modal_projector,
                             recipe.freeze_language_model)
+    if recipe.lora is not None:
+        n_layers = apply_lora(model, LoraSettings.from_dict(recipe.lora))
+        counts = parameter_counts(model)
+        if rank == 0:
+            print(f"LoRA on {n_layers} linear layers of the language model (merged into the weights on save)")
     collator = model.collator(max_length=recipe.data.max_length, on_overflow=recipe.data.on_overflow,
                               min_pixels=recipe.data.min_pixels, max_pixels=recipe.data.max_pixels)
     try:

@@ -12,6 +12,7 @@ import yaml
 from transformers import TrainingArguments
 
 from ..methods import method_class
+from .lora import LoraSettings
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Recipe:
     freeze_vision_tower: bool = False
     freeze_multi_modal_projector: bool = False
     freeze_language_model: bool = False
+    lora: dict | None = None  # LoRA on the language model (peft LoraConfig names: r, lora_alpha, ...); None = full
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None keeps the checkpoint's
     deepspeed: str | None = None  # a DeepSpeed JSON (train/ds_configs/*.json); None trains without DeepSpeed
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments fields (output_dir, ...)
@@ -91,6 +93,8 @@ def _validate(r: Recipe, where: str) -> None:
     _check_keys(f"{where} training", r.training, {f.name for f in dataclasses.fields(TrainingArguments)})
     if "output_dir" not in r.training:
         raise ValueError(f"recipe {where}: training.output_dir is required")
+    if r.lora is not None:
+        LoraSettings.from_dict(r.lora, where=f"recipe {where} lora")
     if r.dtype not in (None, "bfloat16", "float16", "float32"):
         raise ValueError(f"recipe {where}: dtype must be bfloat16, float16 or float32, got {r.dtype!r}")
     if r.deepspeed is not None:

@@ -7,6 +7,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
+from .lora import merge_lora
+
 FREEZE_SWITCHES = ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")
 
 
@@ -18,11 +20,15 @@ def apply_freezing(model, freeze_vision_tower: bool = False, freeze_multi_modal_
                          ("language_model", freeze_language_model)):
         for module in parts[name]:
             module.requires_grad_(not frozen)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    if trainable == 0:
+    counts = parameter_counts(model)
+    if counts["trainable"] == 0:
         raise ValueError("every parameter is frozen: unset one of " + ", ".join(FREEZE_SWITCHES))
-    return {"trainable": trainable, "frozen": total - trainable}
+    return counts
+
+
+def parameter_counts(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "frozen": sum(p.numel() for p in model.parameters()) - trainable}
 
 
 class LatentTrainer(Trainer):
@@ -53,9 +59,14 @@ class LatentTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if getattr(model, "lora", None) is not None:  # checkpoints stay plain HF: adapters merged in
+            state_dict = merge_lora(model.state_dict() if state_dict is None else state_dict, model.lora.scaling)
         model.save_pretrained(output_dir or self.args.output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_deepspeed_enabled:  # the DeepSpeed engine restores its own partitioned states
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if getattr(model or self.model, "lora", None) is not None:
+            raise ValueError(f"--resume of a LoRA run needs DeepSpeed: {resume_from_checkpoint!r} holds merged "
+                             "weights, and only a DeepSpeed checkpoint keeps the adapters apart")
         (model or self.model).load_weights(resume_from_checkpoint)
