@@ -172,6 +172,19 @@ def test_mirage_stage2_matches_step_by_step_recurrence(tiny_base, records):
     g = grads(model)
     assert any(".language_model.layers.0." in n for n in g) and "backbone.model.lm_head.weight" in g
 
+    # gradient checkpointing drops the KV cache: the multipass unrolling must give the same loss and gradients
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.train().gradient_checkpointing_enable()
+    try:
+        again = model(batch)
+        torch.testing.assert_close(again.loss, out.loss, atol=1e-5, rtol=1e-5)
+        again.loss.backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, first[name], atol=1e-5, rtol=1e-3, msg=name)
+    finally:
+        model.backbone.model.gradient_checkpointing_disable()
+
 
 def test_forward_refuses_a_batch_collated_for_another_k(mirage_model, records):
     from vlatent.data import InterleavedCollator

@@ -296,7 +296,7 @@ def test_stage2_losses_and_latent_only_backprop(stage2, records):
     m = model.method
     embeds, positions = model.embed_inputs(batch), model.position_ids(batch)
     mask = m.stage2_mask(model, batch, embeds.dtype)
-    filled, (b, t) = m.fill_latents(model, batch, embeds, positions, mask)
+    filled, _, (b, t) = model.fill_latents(embeds, batch, positions, mask)
     hs = model.backbone(filled, positions, mask, output_hidden_states=True).hidden_states
     teacher_states = m._teacher_observation_states(teacher, batch["teacher"])
     align = alignment_loss(torch.stack([h[batch["observation_mask"]] for h in hs]), teacher_states)

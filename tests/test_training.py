@@ -99,17 +99,19 @@ def finish(proc, timeout=420):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_two_processes_with_a_text_only_rank(tmp_path, tiny_base):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero3_two_processes_with_a_text_only_rank(tmp_path, tiny_base, stage):
     """Two ranks, two records, batch 1: every step one rank has an image + latent segment and the other a
-    text-only record, so ZeRO-3 only survives if both run the same modules (dummy image, dummy targets)."""
+    text-only record, so ZeRO-3 only survives if both run the same modules (dummy image, dummy targets; in
+    stage 2 the same number of recurrent chunks)."""
     data = write_records(tmp_path / "data", [("img", 1, True)])
     text_only = {"id": "text-only", "messages": [
         {"role": "user", "content": [{"type": "text", "text": "Say hi."}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Hi. The answer is A."}]}]}
     with open(data, "a") as f:
         f.write(json.dumps(text_only) + "\n")
-    cfg = recipe(tmp_path, model=str(tiny_base), method="mirage", data={"train": str(data)},
-                 deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"),
+    cfg = recipe(tmp_path, model=str(tiny_base), method="mirage", method_config={"stage": stage},
+                 data={"train": str(data)}, deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"),
                  training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 1, "max_steps": 3,
                            "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True})
     finish(launch(cfg, 2))

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoProcessor
 from transformers.utils import ModelOutput
 
 from . import __version__
-from .backbones import Backbone, backbone_class
+from .backbones import Backbone, BackboneOutput, backbone_class
 from .methods import LatentMethod, create_method, list_methods, method_class
 
 VLATENT_CONFIG = "vlatent_config.json"
@@ -89,9 +89,12 @@ class LatentVLM(nn.Module):
 
         config = dict(saved["method_config"]) if saved else {}
         config.update(latent_cfg)
+        config = method_class(method).backbone_config(config, backbone, processor)
         latent = create_method(method, backbone.hidden_size, config)
         if saved is None:
             _add_tokens(backbone, processor.tokenizer, latent.special_tokens())
+        else:
+            latent.load_files(Path(source))
         latent.resolve_token_ids(processor.tokenizer)
         if saved and Path(source, METHOD_WEIGHTS).is_file():
             latent.load_state_dict(load_file(str(Path(source, METHOD_WEIGHTS))))
@@ -111,6 +114,7 @@ class LatentVLM(nn.Module):
         self.processor.save_pretrained(out)
         if method:
             save_file(method, str(out / METHOD_WEIGHTS))
+        self.method.save_files(out)
         (out / VLATENT_CONFIG).write_text(json.dumps({
             "vlatent_version": __version__, "family": self.backbone.family,
             "method": self.method.name, "method_config": self.method.config.to_dict()}, indent=2))
@@ -182,19 +186,81 @@ class LatentVLM(nn.Module):
         return int(t.item())
 
     def embed_inputs(self, batch) -> torch.Tensor:
-        """(batch, seq, hidden): token embeddings with inline images scattered in."""
-        return self.backbone.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
-                                          uniform=self.uniform_compute)
+        """(batch, seq, hidden): token embeddings with inline images scattered in. Also sets
+        ``batch["visual_context"]``: what the decoder needs about the images besides their embeddings (Gemma 3's image
+        blocks, Qwen3-VL's DeepStack features), which ``run_language_model`` and ``fill_latents`` hand on to it."""
+        embeds, batch["visual_context"] = self.backbone.embed_multimodal(
+            batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"), uniform=self.uniform_compute)
+        return embeds
 
     def position_ids(self, batch) -> torch.Tensor:
         return self.backbone.position_ids(batch["input_ids"], batch.get("mm_token_type_ids"),
                                           batch.get("image_grid_thw"), batch["attention_mask"])
 
-    def run_language_model(self, embeds, batch, positions=None, upto=None, output_hidden_states=False):
-        """The decoder over ``embeds`` (optionally only the first ``upto`` positions)."""
+    def run_language_model(self, embeds, batch, positions=None, upto=None, output_hidden_states=False, mask=None):
+        """The decoder over ``embeds`` (optionally only the first ``upto`` positions) of a batch that went through
+        ``embed_inputs``. ``mask``: a method's own additive 4-D mask instead of the batch's padding mask."""
         positions = self.position_ids(batch) if positions is None else positions
-        mask = batch["attention_mask"] if upto is None else batch["attention_mask"][:, :upto]
-        return self.backbone(embeds, positions, mask, output_hidden_states=output_hidden_states)
+        if mask is None:
+            mask = batch["attention_mask"] if upto is None else batch["attention_mask"][:, :upto]
+        return self.backbone(embeds, positions, mask, output_hidden_states=output_hidden_states,
+                             visual=batch.get("visual_context"))
+
+    def fill_latents(self, embeds, batch, positions, mask, output_hidden_states=False):
+        """Fill every latent slot with ``method.next_latent`` of the previous position's last hidden state,
+        recurrently and exactly (each latent sees the ones before it), and run the decoder over the result.
+
+        With the KV cache the sequence runs once, in chunks that end where a slot begins: about one forward.
+        Gradient checkpointing drops the cache, so then pass j recomputes each row up to its j-th slot instead.
+        ``mask``: the 2-D padding mask or an additive ``(batch, 1, seq, seq)`` mask. Returns
+        ``(filled embeds, BackboneOutput over them, (batch index, position) of the slots)``.
+        """
+        b, t = self.latent_slots(batch)
+        if any(getattr(m, "gradient_checkpointing", False) for m in self.backbone.model.modules()):
+            return self._fill_latents_multipass(embeds, batch, positions, mask, output_hidden_states, b, t)
+        from transformers import DynamicCache
+
+        length = embeds.shape[1]
+        bounds = sorted({0, length, *t.tolist()})
+        # ZeRO-3: every rank runs the same number of forwards, so split the longest chunks until the counts agree
+        n_chunks = self.max_over_ranks(len(bounds) - 1)
+        while len(bounds) - 1 < n_chunks:
+            i = max(range(len(bounds) - 1), key=lambda j: bounds[j + 1] - bounds[j])
+            if bounds[i + 1] - bounds[i] < 2:
+                raise ValueError(f"batch {batch.get('ids')}: too short to split into {n_chunks} chunks")
+            bounds.insert(i + 1, (bounds[i] + bounds[i + 1]) // 2)
+        cache, outs = DynamicCache(config=self.backbone.model.config.get_text_config()), []
+        for start, end in zip(bounds, bounds[1:]):
+            if start > 0:  # the slots at ``start`` take the state that precedes them (called even with none: ZeRO-3)
+                rows = b[t == start]
+                z = self.method.next_latent(outs[-1].last_hidden_state[rows, -1]).to(embeds.dtype)
+                embeds = embeds.index_put((rows, torch.full_like(rows, start)), z)
+            m = mask[:, :end] if mask.dim() == 2 else mask[:, :, start:end, :end]
+            outs.append(self.backbone(embeds[:, start:end], positions[..., start:end], m, past_key_values=cache,
+                                      use_cache=True, output_hidden_states=output_hidden_states,
+                                      visual=batch.get("visual_context")))
+        out = BackboneOutput(last_hidden_state=torch.cat([o.last_hidden_state for o in outs], dim=1))
+        if output_hidden_states:
+            out.hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(o.hidden_states for o in outs)))
+        return embeds, out, (b, t)
+
+    def _fill_latents_multipass(self, embeds, batch, positions, mask, output_hidden_states, b, t):
+        is_slot = torch.zeros_like(batch["input_ids"])
+        is_slot[b, t] = 1
+        ordinal = (is_slot.cumsum(1) - 1)[b, t]  # pass j fills every row's j-th slot
+        n_passes = self.max_over_ranks(int(ordinal.max()) + 1 if b.numel() else 0)
+        for j in range(n_passes):
+            bj, tj = b[ordinal == j], t[ordinal == j]
+            upto = int(tj.max()) if bj.numel() else 1  # states at tj - 1 only need positions < upto
+            m = mask[:, :upto] if mask.dim() == 2 else mask[:, :, :upto, :upto]
+            hidden = self.backbone(embeds[:, :upto], positions[..., :upto], m,
+                                   visual=batch.get("visual_context")).last_hidden_state
+            # also with no slot in this pass: the (empty) write keeps the pass in the graph, so every rank runs its
+            # backward too (ZeRO-3 gathers parameters in backward as well: see ``uniform_compute``)
+            embeds = embeds.index_put((bj, tj), self.method.next_latent(hidden[bj, tj - 1]).to(embeds.dtype))
+        out = self.backbone(embeds, positions, mask, output_hidden_states=output_hidden_states,
+                            visual=batch.get("visual_context"))
+        return embeds, out, (b, t)
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token CE on supervised positions only (the LM head never sees the rest)."""

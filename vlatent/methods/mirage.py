@@ -85,21 +85,6 @@ class Mirage(LatentMethod):
         return losses
 
     def _stage2(self, model, batch):
-        b, t = model.latent_slots(batch)
-        embeds = model.embed_inputs(batch)
-        positions = model.position_ids(batch)
-        # ordinal of each slot among its row's latent slots: pass j fills every row's j-th slot
-        is_slot = torch.zeros_like(batch["input_ids"], dtype=torch.long)
-        is_slot[b, t] = 1
-        ordinal = (is_slot.cumsum(1) - 1)[b, t]
-        n_passes = model.max_over_ranks(int(ordinal.max()) + 1 if b.numel() else 0)
-        for j in range(n_passes):
-            sel = ordinal == j
-            bj, tj = b[sel], t[sel]
-            upto = int(tj.max()) if bj.numel() else 1  # hidden states at tj - 1 only need positions < upto
-            hidden = model.run_language_model(embeds[:, :upto], batch, positions=positions[..., :upto],
-                                              upto=upto).last_hidden_state
-            # also when empty: a rank with fewer slots keeps the pass in its graph (see LatentVLM.uniform_compute)
-            embeds = embeds.index_put((bj, tj), self.next_latent(hidden[bj, tj - 1]).to(embeds.dtype))
-        hidden = model.run_language_model(embeds, batch, positions=positions).last_hidden_state
-        return {"ce": model.lm_loss(hidden, batch["labels"])}
+        _, out, _ = model.fill_latents(model.embed_inputs(batch), batch, model.position_ids(batch),
+                                       batch["attention_mask"])
+        return {"ce": model.lm_loss(out.last_hidden_state, batch["labels"])}

@@ -268,25 +268,6 @@ class Monet(LatentMethod):
                              'sequences are collated with latent_mode="image+latent"')
         return additive_mask(allowed, dtype)
 
-    def fill_latents(self, model, batch, embeds, positions, mask):
-        """Fill every latent slot with the previous position's last hidden state, recurrently and exactly (pass j
-        recomputes each row up to its j-th slot). ``mask``: the 2-D padding mask or an additive 4-D mask."""
-        b, t = model.latent_slots(batch)
-        is_slot = torch.zeros_like(batch["input_ids"])
-        is_slot[b, t] = 1
-        ordinal = (is_slot.cumsum(1) - 1)[b, t]
-        n_passes = model.max_over_ranks(int(ordinal.max()) + 1 if b.numel() else 0)
-        for j in range(n_passes):
-            sel = ordinal == j
-            bj, tj = b[sel], t[sel]
-            upto = int(tj.max()) if bj.numel() else 1  # states at tj - 1 only need positions < upto
-            m = mask[:, :upto] if mask.dim() == 2 else mask[:, :, :upto, :upto]
-            hidden = model.backbone(embeds[:, :upto], positions[..., :upto], m).last_hidden_state
-            # unconditional, even with no slot in this pass: the (empty) write keeps the pass in the graph, so every
-            # rank also runs its backward (ZeRO-3 gathers parameters in backward too: see LatentVLM.uniform_compute)
-            embeds = embeds.index_put((bj, tj), self.next_latent(hidden[bj, tj - 1]).to(embeds.dtype))
-        return embeds, (b, t)
-
     def _stage1(self, model, batch):
         hidden = model.run_language_model(model.embed_inputs(batch), batch).last_hidden_state
         return {"ce": self.observation_ce(model, hidden, batch)}
@@ -296,8 +277,7 @@ class Monet(LatentMethod):
         embeds = model.embed_inputs(batch)
         positions = model.position_ids(batch)
         mask = self.stage2_mask(model, batch, embeds.dtype)
-        filled, (b, t) = self.fill_latents(model, batch, embeds, positions, mask)
-        out = model.backbone(filled, positions, mask, output_hidden_states=True)
+        filled, out, (b, t) = model.fill_latents(embeds, batch, positions, mask, output_hidden_states=True)
         obs = batch["observation_mask"]
         student = torch.stack([h[obs] for h in out.hidden_states])  # (layers, n_obs, hidden)
         self._check_count(batch, "observation tokens", student.shape[1], teacher_states.shape[1])
@@ -307,7 +287,7 @@ class Monet(LatentMethod):
             slot = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
             slot[b, t] = True
             twin_in = torch.where(slot[..., None], filled.detach(), filled)
-            twin = model.backbone(twin_in, positions, mask, output_hidden_states=True)
+            twin = model.run_language_model(twin_in, batch, positions=positions, mask=mask, output_hidden_states=True)
             align_twin = alignment_loss(torch.stack([h[obs] for h in twin.hidden_states]), teacher_states)
             align = align - align_twin + align_twin.detach()
         return {"ce": self.observation_ce(model, out.last_hidden_state, batch), "alignment": align}
@@ -316,8 +296,7 @@ class Monet(LatentMethod):
         teacher_states = self._teacher_latent_states(self.teacher(model), batch["teacher"])
         embeds = model.embed_inputs(batch)
         positions = model.position_ids(batch)
-        filled, (b, t) = self.fill_latents(model, batch, embeds, positions, batch["attention_mask"])
-        out = model.backbone(filled, positions, batch["attention_mask"], output_hidden_states=True)
+        _, out, (b, t) = model.fill_latents(embeds, batch, positions, batch["attention_mask"], output_hidden_states=True)
         student = torch.stack([h[b, t] for h in out.hidden_states])  # (layers, n_slots, hidden)
         self._check_count(batch, "latent slots", student.shape[1], teacher_states.shape[1])
         return {"ce": self.observation_ce(model, out.last_hidden_state, batch),
@@ -333,8 +312,7 @@ class Monet(LatentMethod):
     def _teacher_observation_states(self, teacher, tbatch) -> torch.Tensor:
         """Stage 2: the stage-1 teacher on the sequence with the auxiliary images inline -> (layers, n_obs, hidden)."""
         embeds = teacher.embed_inputs(tbatch)
-        out = teacher.backbone(embeds, teacher.position_ids(tbatch), tbatch["attention_mask"],
-                               output_hidden_states=True)
+        out = teacher.run_language_model(embeds, tbatch, output_hidden_states=True)
         return torch.stack([h[tbatch["observation_mask"]] for h in out.hidden_states])
 
     @torch.no_grad()
@@ -344,6 +322,5 @@ class Monet(LatentMethod):
         embeds = teacher.embed_inputs(tbatch)
         positions = teacher.position_ids(tbatch)
         mask = self.stage2_mask(teacher, tbatch, embeds.dtype)
-        filled, (b, t) = self.fill_latents(teacher, tbatch, embeds, positions, mask)
-        out = teacher.backbone(filled, positions, mask, output_hidden_states=True)
+        _, out, (b, t) = teacher.fill_latents(embeds, tbatch, positions, mask, output_hidden_states=True)
         return torch.stack([h[b, t] for h in out.hidden_states])
