@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -81,6 +82,12 @@ class LatentMethod(nn.Module):
         self.config = config
         self.hidden_size = hidden_size
 
+    @classmethod
+    def backbone_config(cls, config: dict, backbone, processor) -> dict:
+        """Fill the config fields this method reads off the backbone (e.g. the vision feature width; explicit values
+        win) and refuse values that do not fit it (a wrong width or count), before any module is built."""
+        return config
+
     # -- tokens -------------------------------------------------------------------------------------
     def special_tokens(self) -> list[str]:
         """Tokens this method adds to the vocabulary (in this order)."""
@@ -111,6 +118,19 @@ class LatentMethod(nn.Module):
         """Extra ``InterleavedCollator`` arguments this method (and stage) needs."""
         return {}
 
+    def training_data(self, records: list[dict]) -> tuple[Any, Any]:
+        """What the Trainer iterates, built from the validated records, and its sampler (``None``: the Trainer's own
+        shuffling). Perception's curriculum returns on-the-fly views of the records and a scheduled sampler."""
+        return records, None
+
+    # -- files beside the checkpoint ----------------------------------------------------------------
+    def save_files(self, out_dir: Path) -> None:
+        """Write what the method keeps beside a checkpoint besides its weights (perception: its depth tokenizer in
+        ``decoder/``); called by ``LatentVLM.save_pretrained`` before the config is written."""
+
+    def load_files(self, checkpoint: Path) -> None:
+        """Pick up what ``save_files`` wrote; called when a saved checkpoint is loaded, before the token ids resolve."""
+
     # -- training -----------------------------------------------------------------------------------
     def training_losses(self, model: "LatentVLM", batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unweighted named losses for one batch (each logged on its own)."""
@@ -130,6 +150,20 @@ class LatentMethod(nn.Module):
         """The next latent input from the last position's final hidden state. ``(m, hidden) -> (m, hidden)``.
         ``context`` is given at inference (``None`` in training)."""
         raise NotImplementedError(f"method {self.name!r} does not generate latents")
+
+    def constrain_logits(self, logits: torch.Tensor, state: Any) -> torch.Tensor:
+        """Restrict the next text token at inference, ``(n, vocab) -> (n, vocab)`` (e.g. -inf on tokens a row may
+        not emit now). ``state`` is what ``generation_state`` returned."""
+        return logits
+
+    def observe_tokens(self, tokens: torch.Tensor, state: Any) -> None:
+        """Called at inference with the tokens ``(n,)`` just chosen for every row, for methods whose
+        ``constrain_logits`` depends on what was generated (perception: position inside a code segment)."""
+
+    def segment_features(self, state: Any, row: int) -> torch.Tensor | None:
+        """A method-space view of the latent segment row ``row`` has just finished (sketchpad: its ViT-space latents),
+        stored as ``LatentSegment.features``; ``None`` when the method has none."""
+        return None
 
 
 _METHODS: dict[str, type[LatentMethod]] = {}
