@@ -1,0 +1,332 @@
+"""Does latent visual reasoning learn? Every arm of `train/recipes/learning/` trained from scratch on the same tiny
+backbone with the same number of examples seen, on four synthetic tasks, over several seeds; test accuracy, chance,
+and the intervention check (accuracy with the latents zeroed, swapped between examples, or replaced by noise).
+
+    python bench/learning.py --budget small                     # CPU, < 60 min on 2 cores -> bench/LEARNING.md
+    python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
+    python bench/learning.py --budget small --arms text_direct,mirage --tasks maze --seeds 0 --out runs/l
+
+Each (arm, task, seed) is one job in its own process (`--jobs` at a time); a finished job leaves `result.json` in its
+folder and is not rerun, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS_DIR = ROOT / "train" / "recipes" / "learning"
+TASKS = {  # builder arguments: fixed question type and size per task
+    "maze": ["--size", "5", "--questions", "first_move"],
+    "vsp": ["--size", "4", "--questions", "safe"],
+    "jigsaw": ["--grid", "2"],
+    "depth": [],
+}
+BUDGETS = {
+    # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10)
+    "small": {"n": 400, "examples": 1600, "batch": 8, "backbone": {}, "device_note": "2 CPU cores"},
+    "full": {"n": 20000, "examples": 128000, "batch": 32,
+             "backbone": {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 2048,
+                          "num_attention_heads": 8, "num_key_value_heads": 2}, "device_note": "one GPU"},
+}
+INTERVENTIONS = ("zero", "swap", "noise")
+
+
+def load_arm(name: str) -> dict:
+    path = ARMS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in ARMS_DIR.glob("*.yaml"))
+        raise SystemExit(f"error: no arm {name!r} in {ARMS_DIR} (known: {', '.join(known)})")
+    arm = yaml.safe_load(path.read_text())
+    for key in ("tasks", "records", "stages", "learning_rates", "eval"):
+        if key not in arm:
+            raise SystemExit(f"error: arm {str(path)!r} has no {key!r}")
+    return arm
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+def build_task(task: str, root: Path, n: int) -> Path:
+    out = root / "data" / task
+    if not (out / "dataset_info.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "data_builders", task, "--out", str(out), "--n", str(n), "--seed", "0",
+                        "--split", "0.8,0.1,0.1", *TASKS[task]], check=True, cwd=ROOT, capture_output=True)
+    return out
+
+
+def present(records: list[dict], how: str) -> list[dict]:
+    """The arm's view of the built records (see train/recipes/learning/README.md)."""
+    if how == "as_built":
+        return records
+    out = copy.deepcopy(records)
+    for r in out:
+        turn = r["messages"][-1]["content"]
+        if how == "answer_only":
+            r["messages"][-1]["content"] = [{"type": "text", "text": f"The answer is {r['answer']}."}]
+        elif how == "observations":
+            for prev, item in zip(turn, turn[1:]):
+                if prev["type"] == "latent" and item["type"] == "text":
+                    item["observation"] = True
+        else:
+            raise ValueError(f"records: {how!r} is not as_built, answer_only or observations")
+    return out
+
+
+def arm_data(data: Path, how: str) -> Path:
+    """train.jsonl as the arm sees it, written beside the original (image paths stay relative to it)."""
+    if how == "as_built":
+        return data / "train.jsonl"
+    path = data / f"train.{how}.jsonl"
+    if not path.is_file():
+        records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in present(records, how)))
+    return path
+
+
+# -- one job: train the arm's stages, evaluate, intervene -----------------------------------------------------------
+def run_job(job: dict) -> dict:
+    from eval.benchmarks import get_benchmark, judge, load_examples
+    from eval.run import evaluate
+    from train.sft import main as sft
+    from vlatent.analysis import intervene
+    from vlatent.model import LatentVLM
+
+    arm, budget, out = job["arm"], job["budget"], Path(job["out"])
+    train = arm_data(Path(job["data"]), arm["records"])
+    t0 = time.time()
+    outputs, history, seen = [], [], 0
+    for i, stage in enumerate(arm["stages"]):
+        start = outputs[stage.get("from", i - 1)] if i else job["base"]
+        method_config = dict(stage.get("method_config", {}))
+        if "teacher" in stage:
+            method_config["teacher"] = outputs[stage["teacher"]]
+        steps = max(1, round(stage["share"] * budget["examples"] / budget["batch"]))
+        recipe = {"model": str(start), "method": stage["method"], "method_config": method_config,
+                  "data": {"train": str(train), "max_length": 2048},
+                  "training": {"output_dir": str(out / f"stage{i}"), "per_device_train_batch_size": budget["batch"],
+                               "learning_rate": job["lr"], "max_steps": steps, "warmup_steps": max(1, steps // 20),
+                               "lr_scheduler_type": "cosine", "logging_steps": max(1, steps // 20),
+                               "seed": job["seed"], "data_seed": job["seed"], "disable_tqdm": True}}
+        if i:  # later stages continue a vlatent checkpoint, which knows its method
+            recipe.pop("method")
+        path = out / f"stage{i}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        if sft(["--config", str(path), "--overwrite"]) != 0:
+            raise RuntimeError(f"training stage {i} of {job['name']} failed")
+        outputs.append(str(out / f"stage{i}"))
+        logs = json.loads((out / f"stage{i}" / "log_history.json").read_text())
+        history += [[seen + e["step"] * budget["batch"], e["loss"]] for e in logs if "loss" in e and "step" in e]
+        seen += steps * budget["batch"]
+    train_s = time.time() - t0
+
+    model = LatentVLM.from_pretrained(outputs[-1]).eval()
+    settings = dict(latent=arm["eval"]["latent"], max_new_tokens=arm["eval"]["max_new_tokens"])
+    split = job["split"]
+    scores = evaluate(model, job["task"], job["data"], out / f"eval_{split}", split=split, batch_size=16,
+                      progress=False, **settings)
+    result = {"name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"], "split": split,
+              "accuracy": scores["overall"], "examples_seen": seen, "train_s": train_s,
+              "total_s": time.time() - t0, "history": history, "interventions": {}}
+    if model.method.uses_latents and split == "test":
+        bench = get_benchmark(job["task"])
+        examples = [ex for ex in load_examples(bench, job["data"], split) if ex.error is None]
+        images, prompts = [ex.open_images() for ex in examples], [ex.prompt for ex in examples]
+        prefix = model.method.config.latent_start_token if settings["latent"] == "on" else None
+        kwargs = dict(max_new_tokens=settings["max_new_tokens"], prefix=prefix)
+        baseline = [g for i in range(0, len(examples), 16)
+                    for g in model.generate(images[i:i + 16], prompts[i:i + 16], **kwargs)]
+        result["latent_rate"] = sum(bool(g.latent_segments) for g in baseline) / len(baseline)
+        for mode in INTERVENTIONS:
+            correct = changed = 0
+            for i in range(0, len(examples), 16):
+                runs = intervene(model, images[i:i + 16], prompts[i:i + 16], mode, baseline=baseline[i:i + 16],
+                                 seed=job["seed"], **kwargs)
+                correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[i:], runs))
+                changed += sum(r.changed for r in runs)
+            result["interventions"][mode] = {"accuracy": correct / len(examples), "changed": changed / len(examples)}
+    return result
+
+
+# -- the whole benchmark ---------------------------------------------------------------------------------------------
+def launch(job: dict, jobs_root: Path) -> dict:
+    """Run one job in its own process (isolated memory, one thread) unless its result is already on disk."""
+    out = Path(job["out"])
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT),
+           "HF_HUB_OFFLINE": "1"}
+    with open(out / "log.txt", "w") as log:
+        code = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT).returncode
+    if code or not done.is_file():
+        return {"name": job["name"], "task": job["task"], "seed": job["seed"], "split": job["split"],
+                "error": f"job failed (exit {code}): see {out / 'log.txt'}"}
+    return json.loads(done.read_text())
+
+
+def chance(data: Path) -> tuple[float, float]:
+    """(uniform guess over the answers that occur, always-the-most-frequent-answer) on the test split."""
+    answers = [json.loads(line)["answer"] for line in (data / "test.jsonl").read_text().splitlines() if line.strip()]
+    counts = {a: answers.count(a) for a in set(answers)}
+    return 1 / len(counts), max(counts.values()) / len(answers)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def write_report(path: Path, results: list[dict], args, budget: dict, chances: dict, tuned: dict,
+                 wall_s: float) -> None:
+    ok = [r for r in results if "error" not in r and r["split"] == "test"]
+    arms = list(dict.fromkeys(r["name"] for r in results))
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    lines = ["# Learning benchmark", "",
+             f"`python bench/learning.py --budget {args.budget}` ({budget['device_note']}, "
+             f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, "
+             f"tiny Qwen2.5-VL trained from scratch, vision tower included). Wall time {wall_s / 60:.1f} min.", "",
+             "Test accuracy, mean ± std over seeds. Chance: uniform over the answers that occur / always the most "
+             "frequent answer.", "",
+             "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
+             "| chance | " + " | ".join(f"{chances[t][0]:.2f} / {chances[t][1]:.2f}" for t in tasks) + " |"]
+    for arm in arms:
+        cells = [mean_std([r["accuracy"] for r in ok if r["name"] == arm and r["task"] == t]) for t in tasks]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Are the latents used?", "",
+              "Accuracy of each latent arm's unmodified run against the same run with every latent replaced as it is "
+              "fed back (`vlatent.analysis.intervene`): zeros, another test example's latents, Gaussian noise of the "
+              "same norm; \"changed\" is the share of answers whose text changed; \"latent rate\" the share of "
+              "answers that reasoned in latents at all.", "",
+              "| arm | task | accuracy | zero | swap | noise | changed (zero/swap/noise) | latent rate |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        for t in tasks:
+            rs = [r for r in ok if r["name"] == arm and r["task"] == t and r["interventions"]]
+            if not rs:
+                continue
+            cell = {m: mean_std([r["interventions"][m]["accuracy"] for r in rs]) for m in INTERVENTIONS}
+            chg = "/".join(f"{statistics.mean(r['interventions'][m]['changed'] for r in rs):.2f}" for m in INTERVENTIONS)
+            lines.append(f"| {arm} | {t} | {mean_std([r['accuracy'] for r in rs])} | {cell['zero']} | {cell['swap']} "
+                         f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} |")
+    lines += ["", "## Cost and settings", "", "| arm | task | examples seen | train s (mean) | learning rate |",
+              "|---|---|---|---|---|"]
+    for arm in arms:
+        for t in tasks:
+            rs = [r for r in ok if r["name"] == arm and r["task"] == t]
+            if rs:
+                lr = f"{rs[0]['lr']:g}" + (" (tuned on val)" if (arm, t) in tuned else " (first of the grid)")
+                lines.append(f"| {arm} | {t} | {rs[0]['examples_seen']} | {statistics.mean(r['train_s'] for r in rs):.0f}"
+                             f" | {lr} |")
+    failed = [r for r in results if "error" in r]
+    if failed:
+        lines += ["", "## Failed jobs", ""] + [f"- {r['name']} / {r['task']} / seed {r['seed']}: {r['error']}"
+                                               for r in failed]
+    lines += ["", "![learning curves](learning_curves.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot_curves(path: Path, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r and r["split"] == "test"]
+    tasks = list(dict.fromkeys(r["task"] for r in ok))
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.4), dpi=110, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for arm in dict.fromkeys(r["name"] for r in ok if r["task"] == task):
+            curves = [r["history"] for r in ok if r["name"] == arm and r["task"] == task]
+            xs = [x for x, _ in curves[0]]
+            ys = [statistics.mean(c[i][1] for c in curves if i < len(c)) for i in range(len(xs))]
+            ax.plot(xs, ys, label=arm, linewidth=1.2)
+        ax.set_title(task)
+        ax.set_xlabel("training examples seen")
+        ax.set_ylabel("training loss (mean over seeds)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", choices=list(BUDGETS), default="small")
+    ap.add_argument("--arms", default=",".join(sorted(p.stem for p in ARMS_DIR.glob("*.yaml"))))
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--tune", action="store_true", help="pick each arm's learning rate on the val split (seed 0)")
+    ap.add_argument("--jobs", type=int, default=2, help="jobs run at the same time (one process each)")
+    ap.add_argument("--examples", type=int, help="override the budget's training examples per arm (smoke runs)")
+    ap.add_argument("--n", type=int, help="override the budget's examples built per task (smoke runs)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "learning"))
+    ap.add_argument("--report", default=str(ROOT / "bench" / "LEARNING.md"))
+    ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job
+    args = ap.parse_args()
+    if args.job:
+        job = json.loads(args.job)
+        sys.path.insert(0, str(ROOT))
+        result = run_job(job)
+        (Path(job["out"]) / "result.json").write_text(json.dumps(result))
+        return 0
+
+    from vlatent.testing import build_tiny_base
+
+    t0 = time.time()
+    budget, root = dict(BUDGETS[args.budget]), Path(args.out)
+    budget.update({k: v for k, v in (("examples", args.examples), ("n", args.n)) if v})
+    arms = {name: load_arm(name) for name in args.arms.split(",")}
+    tasks = [t for t in args.tasks.split(",")]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"error: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    data = {t: build_task(t, root, budget["n"]) for t in tasks}
+    bases = {s: str(build_tiny_base(root / "bases" / f"seed{s}", seed=s, **budget["backbone"])) for s in args.seeds}
+
+    def job(name, task, seed, lr, split):
+        tag = f"{name}/{task}/seed{seed}" + (f"/lr{lr:g}-{split}" if split != "test" else "")
+        return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "split": split,
+                "budget": budget, "data": str(data[task]), "base": bases[seed], "out": str(root / "runs" / tag)}
+
+    pairs = [(name, t) for name, arm in arms.items() for t in tasks if t in arm["tasks"]]
+    lr, tuned = {}, {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        if args.tune:
+            trials = [job(n, t, args.seeds[0], x, "val") for n, t in pairs for x in arms[n]["learning_rates"]]
+            for r in pool.map(lambda j: launch(j, root), trials):
+                key = (r["name"], r["task"])
+                if "error" not in r and r["accuracy"] >= tuned.get(key, (-1.0, None))[0]:
+                    tuned[key] = (r["accuracy"], r["lr"])
+            lr = {k: v[1] for k, v in tuned.items()}
+        todo = [job(n, t, s, lr.get((n, t), arms[n]["learning_rates"][0]), "test") for n, t in pairs for s in args.seeds]
+        results = []
+        for r in pool.map(lambda j: launch(j, root), todo):
+            results.append(r)
+            status = r.get("error") or f"accuracy {r['accuracy']:.3f}"
+            print(f"{r['name']:>12} {r['task']:>7} seed {r['seed']}: {status}", flush=True)
+    report = Path(args.report)
+    write_report(report, results, args, budget, {t: chance(data[t]) for t in tasks}, tuned, time.time() - t0)
+    plot_curves(report.parent / "learning_curves.png", results)
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""bench/learning.py: the arms' record views, and one small end-to-end job (train 2 stages, evaluate, intervene)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import learning  # noqa: E402
+
+RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze", "meta": {}, "messages": [
+    {"role": "user", "content": [{"type": "image", "image": 0}, {"type": "text", "text": "Which way?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "Sketch."}, {"type": "latent", "image": 1},
+                                      {"type": "text", "text": "Left turn."}, {"type": "text", "text": "B."}]}]}
+
+
+def test_record_views():
+    assert learning.present([RECORD], "as_built") == [RECORD]
+    direct = learning.present([RECORD], "answer_only")[0]
+    assert direct["messages"][-1]["content"] == [{"type": "text", "text": "The answer is B."}]
+    obs = learning.present([RECORD], "observations")[0]["messages"][-1]["content"]
+    assert [item.get("observation", False) for item in obs] == [False, False, True, False]
+    assert "observation" not in RECORD["messages"][-1]["content"][2]  # the original is left alone
+    with pytest.raises(ValueError, match="records: 'images_only'"):
+        learning.present([RECORD], "images_only")
+
+
+def test_every_arm_recipe_loads():
+    for path in sorted(learning.ARMS_DIR.glob("*.yaml")):
+        arm = learning.load_arm(path.stem)
+        assert set(arm["tasks"]) <= set(learning.TASKS) and arm["stages"], path
+        assert abs(sum(s["share"] for s in arm["stages"]) - 1) < 0.02, path
+
+
+@pytest.mark.slow
+def test_one_arm_end_to_end(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms", "mirage", "--tasks", "maze", "--seeds", "0",
+           "--examples", "16", "--n", "30", "--jobs", "1", "--out", str(tmp_path / "runs"),
+           "--report", str(tmp_path / "LEARNING.md")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "runs/runs/mirage/maze/seed0/result.json").read_text())
+    assert result["examples_seen"] == 16 and 0 <= result["accuracy"] <= 1
+    assert set(result["interventions"]) == {"zero", "swap", "noise"}
+    report = (tmp_path / "LEARNING.md").read_text()
+    assert "| mirage | maze |" in report and "| chance |" in report
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
