@@ -44,6 +44,15 @@ def write_report(out: Path, kind: str, settings: dict, scores: dict, rows: list[
              "code does; otherwise judged wrong). Errors: examples that could not run, judged wrong.", ""]
     for key, heading in GROUPS[kind]:
         lines += [f"## {heading}", "", *_table(scores[key]), ""]
+    if "multimodal_gain" in scores:
+        g = scores["multimodal_gain"]
+        ml = "—" if g["ml"] is None else f"{100 * g['ml']:.2f}"
+        st = "—" if g["s_t"] is None else f"{100 * g['s_t']:.2f}"
+        lines += ["## Multi-modal gain and leakage", "", "| S_v | S_wv | S_t | MG = S_v - S_wv | ML = max(0, S_wv - S_t) |",
+                  "|---:|---:|---:|---:|---:|",
+                  f"| {100 * g['s_v']:.2f} | {100 * g['s_wv']:.2f} | {st} | {100 * g['mg']:.2f} | {ml} |", "",
+                  "As MMStar defines them: S_wv is this model with the images withheld, S_t its LLM base on the text "
+                  "alone.", ""]
     if done:
         mean = {key: sum(r[key] for r in done) / len(done) for key in ("latent_tokens", "text_tokens", "seconds")}
         eos = sum(r["finish"] == "eos" for r in done) / len(done)

@@ -11,6 +11,11 @@ refused rather than mixed in). Under ``torchrun`` (``RANK`` / ``WORLD_SIZE``) ra
 ``predictions.rank{r}.jsonl``, and rank 0, once every example has a row, merges them into ``predictions.jsonl``. Rank 0
 then scores the run from ``predictions.jsonl`` alone (``scores.json``) and writes ``report.md`` and ``scores.png``.
 
+``--images off`` withholds every image (the prompt keeps its text): MMStar's multi-modal gain ``MG = S_v - S_wv`` and
+leakage ``ML = max(0, S_wv - S_t)`` come from such runs, given to the with-images run as ``--gain-against DIR`` (this
+model, images withheld) and ``--leakage-against DIR`` (its LLM base, text only); they land in ``scores.json`` and the
+report.
+
 ``--latent on`` starts every answer with the method's latent start token, so the model thinks visually (its K latent
 steps) before it writes; ``off`` leaves the answer to the model, which may still open a latent segment itself. The
 default is ``on`` for methods with latent tokens.
@@ -30,6 +35,7 @@ from tqdm import tqdm
 
 from vlatent.generation import Generation, TextSegment
 from vlatent.model import LatentVLM
+from vlatent.scoring import mmstar_gain_leakage
 
 from .benchmarks import (BENCHMARKS, PROMPTS, Benchmark, EvalError, Example, ImageError, get_benchmark, judge,
                          load_examples, score)
@@ -41,12 +47,14 @@ POLL_SECONDS = 2.0  # how often rank 0 looks for the other ranks' rows
 
 def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: str | os.PathLike, *,
              split: str | None = None, batch_size: int = 8, max_new_tokens: int = 256, latent: str | None = None,
-             limit: int | None = None, prompt: str = "official", rank: int | None = None,
-             world_size: int | None = None, progress: bool = True) -> dict:
+             limit: int | None = None, prompt: str = "official", images: str = "on",
+             gain_against: str | os.PathLike | None = None, leakage_against: str | os.PathLike | None = None,
+             rank: int | None = None, world_size: int | None = None, progress: bool = True) -> dict:
     """Evaluate an already loaded ``model`` on ``bench`` into the folder ``out`` (see the module docstring).
 
     ``data``: hub id or folder (None: the benchmark's hub id; the synthetic tasks need a ``data_builders`` folder).
-    ``limit``: the first N examples only. ``rank`` / ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that
+    ``limit``: the first N examples only. ``images="off"`` withholds the images; ``gain_against`` / ``leakage_against``
+    (MMStar) are output folders of such runs, for the multi-modal gain and leakage. ``rank`` / ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that
     torchrun sets. Returns the scores on rank 0 (what ``scores.json`` holds) and ``{}`` on the other ranks. Bad input
     -> ``EvalError``; an example that cannot run becomes an error row, never an exception.
     """
@@ -55,13 +63,16 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     latent = _latent_mode(model, latent)
+    if images not in ("on", "off"):
+        raise EvalError(f"images must be 'on' or 'off', got {images!r}")
+    baselines = _gain_runs(bench, split, gain_against, leakage_against)
     if batch_size < 1 or max_new_tokens < 1:
         raise EvalError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
     examples = load_examples(bench, None if data is None else str(data), split, prompt)[:limit]
     out = Path(out)
     settings = {"model": _where(model.backbone.model.name_or_path), "method": model.method.name,
                 "bench": bench.name, "data": _where(data or bench.hub_id), "split": split, "prompt": prompt,
-                "latent": latent, "max_new_tokens": max_new_tokens}
+                "latent": latent, "max_new_tokens": max_new_tokens, "images": images}
     _claim(out, settings)
 
     own = out / (PREDICTIONS if world_size == 1 else f"predictions.rank{rank}.jsonl")
@@ -74,7 +85,7 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
     with open(own, "a", encoding="utf-8") as f, tqdm(total=len(shard), initial=len(shard) - len(todo), desc=desc,
                                                       unit="ex", position=rank, disable=not progress) as bar:
         for i in range(0, len(todo), batch_size):
-            rows = _run_batch(model, bench, todo[i:i + batch_size], max_new_tokens, prefix)
+            rows = _run_batch(model, bench, todo[i:i + batch_size], max_new_tokens, prefix, images == "on")
             f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             f.flush()
             bar.update(len(rows))
@@ -82,9 +93,34 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
         return {}
     rows = _merge(out, examples)
     scores = score(bench, rows)
+    if baselines:
+        scores["multimodal_gain"] = mmstar_gain_leakage(scores, *baselines)
     _write_json(out / "scores.json", scores)
     write_report(out, bench.kind, settings, scores, rows)
     return scores
+
+
+def _gain_runs(bench: Benchmark, split: str, gain_against, leakage_against) -> tuple[dict, ...]:
+    """The finished no-image runs the multi-modal gain / leakage compare against: (S_wv scores[, S_t scores])."""
+    if gain_against is None:
+        if leakage_against is not None:
+            raise EvalError("leakage_against needs gain_against too (ML = max(0, S_wv - S_t))")
+        return ()
+    if bench.kind != "mmstar":
+        raise EvalError(f"multi-modal gain / leakage are MMStar's measures, not {bench.name}'s")
+    runs = []
+    for name, folder in (("gain_against", gain_against), ("leakage_against", leakage_against)):
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if not (folder / "scores.json").is_file() or not (folder / "run.json").is_file():
+            raise EvalError(f"{name} {str(folder)!r} is not a finished eval folder (no scores.json / run.json)")
+        settings = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        if settings.get("bench") != bench.name or settings.get("split") != split or settings.get("images") != "off":
+            raise EvalError(f"{name} {str(folder)!r} must be a {bench.name} {split} run with --images off; it is "
+                            f"{settings.get('bench')} {settings.get('split')} with images {settings.get('images')}")
+        runs.append(json.loads((folder / "scores.json").read_text(encoding="utf-8")))
+    return tuple(runs)
 
 
 def _latent_mode(model: LatentVLM, latent: str | None) -> str:
@@ -108,7 +144,7 @@ def _where(path_or_id) -> str:
 
 
 def _run_batch(model: LatentVLM, bench: Benchmark, batch: list[Example], max_new_tokens: int,
-               prefix: str | None) -> list[dict]:
+               prefix: str | None, with_images: bool = True) -> list[dict]:
     """Prediction rows for ``batch``, in order. An example whose row is bad, whose image does not decode or whose
     generation fails on its own becomes an error row; the others are generated together."""
     rows, ready, images = {}, [], []
@@ -117,7 +153,7 @@ def _run_batch(model: LatentVLM, bench: Benchmark, batch: list[Example], max_new
         reason = ex.error
         if reason is None:
             try:
-                images.append(ex.open_images())
+                images.append(ex.open_images() if with_images else [])
                 ready.append(ex)
                 continue
             except ImageError as e:
@@ -253,6 +289,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", choices=("on", "off"), default=None,
                    help="on: start each answer in latent mode; off: leave it to the model (default: on when the "
                         "method has latent tokens)")
+    p.add_argument("--images", choices=("on", "off"), default="on",
+                   help="off: withhold the images (MMStar's S_wv / S_t runs for the multi-modal gain and leakage)")
+    p.add_argument("--gain-against", default=None, metavar="DIR",
+                   help="MMStar: an --images off run of this model; adds the multi-modal gain to the scores")
+    p.add_argument("--leakage-against", default=None, metavar="DIR",
+                   help="MMStar: an --images off run of the LLM base; adds the multi-modal leakage")
     p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N examples only")
     p.add_argument("--prompt", choices=PROMPTS, default="official",
                    help="MMMU / MMStar prompt template (default: official)")
@@ -277,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         model = _load_model(args)
         scores = evaluate(model, args.bench, args.data, args.out, split=args.split, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, latent=args.latent, limit=args.limit,
-                          prompt=args.prompt)
+                          prompt=args.prompt, images=args.images, gain_against=args.gain_against,
+                          leakage_against=args.leakage_against)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -214,6 +214,25 @@ def test_ranks_shard_and_rank0_merges(model, mmstar_dir, tmp_path):
     assert not list(out.glob("predictions.rank*"))
 
 
+def test_mmstar_multimodal_gain_and_leakage_from_no_image_runs(model, mmstar_dir, tmp_path):
+    kw = dict(batch_size=6, max_new_tokens=4, progress=False, latent="off")
+    wv = evaluate(model, "mmstar", mmstar_dir, tmp_path / "wv", images="off", **kw)
+    rows = read_rows(tmp_path / "wv" / "predictions.jsonl")
+    assert len(rows) == 12 and json.loads((tmp_path / "wv" / "run.json").read_text())["images"] == "off"
+    # the LLM base's text-only run: here the same tiny model, which is all S_t needs to be
+    t = evaluate(model, "mmstar", mmstar_dir, tmp_path / "t", images="off", **kw)
+    scores = evaluate(model, "mmstar", mmstar_dir, tmp_path / "v", gain_against=tmp_path / "wv",
+                      leakage_against=tmp_path / "t", **kw)
+    g = scores["multimodal_gain"]
+    assert g["s_v"] == scores["overall"] and g["s_wv"] == wv["overall"] and g["s_t"] == t["overall"]
+    assert g["mg"] == pytest.approx(scores["overall"] - wv["overall"]) and g["ml"] == max(0.0, wv["overall"] - t["overall"])
+    assert "## Multi-modal gain and leakage" in (tmp_path / "v" / "report.md").read_text()
+    with pytest.raises(EvalError, match="must be a mmstar val run with --images off"):
+        evaluate(model, "mmstar", mmstar_dir, tmp_path / "v2", gain_against=tmp_path / "v", **kw)
+    with pytest.raises(EvalError, match="not a finished eval folder"):
+        evaluate(model, "mmstar", mmstar_dir, tmp_path / "v3", gain_against=tmp_path / "nothing", **kw)
+
+
 def test_prompts_follow_the_official_templates():
     options = ["cat", "dog"]
     assert mmmu_prompt("Q <image 1>?", options, "official") == (
