@@ -144,15 +144,19 @@ def run_job(job: dict) -> dict:
         images, prompts = [ex.open_images() for ex in examples], [ex.prompt for ex in examples]
         prefix = model.method.config.latent_start_token if settings["latent"] == "on" else None
         kwargs = dict(max_new_tokens=settings["max_new_tokens"], prefix=prefix)
-        baseline = [g for i in range(0, len(examples), 16)
-                    for g in model.generate(images[i:i + 16], prompts[i:i + 16], **kwargs)]
+        # batches of 16; a last batch of one joins the one before, since "swap" needs another example's latents
+        cuts = list(range(0, len(examples), 16)) + [len(examples)]
+        if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+            del cuts[-2]
+        chunks = list(zip(cuts, cuts[1:]))
+        baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
         result["latent_rate"] = sum(bool(g.latent_segments) for g in baseline) / len(baseline)
         for mode in INTERVENTIONS:
             correct = changed = 0
-            for i in range(0, len(examples), 16):
-                runs = intervene(model, images[i:i + 16], prompts[i:i + 16], mode, baseline=baseline[i:i + 16],
-                                 seed=job["seed"], **kwargs)
-                correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[i:], runs))
+            for a, b in chunks:
+                runs = intervene(model, images[a:b], prompts[a:b], mode, baseline=baseline[a:b], seed=job["seed"],
+                                 **kwargs)
+                correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[a:b], runs))
                 changed += sum(r.changed for r in runs)
             result["interventions"][mode] = {"accuracy": correct / len(examples), "changed": changed / len(examples)}
     return result
