@@ -30,7 +30,7 @@ setup(
         "peft>=0.14,<1",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "playwright>=1.40,<2"],
     },
     entry_points={"console_scripts": ["vlatent=vlatent.cli:main"]},
 )

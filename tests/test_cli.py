@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlatent.cli import main
+from vlatent.methods import list_methods
 from vlatent.testing import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_info_lists_methods_and_backbones(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "methods:   mirage, monet, text" in out and "backbones: qwen2_5_vl" in out and "transformers" in out
+    assert f"methods:   {', '.join(list_methods())}" in out and "transformers" in out
+    assert "backbones: gemma3, llava_onevision, qwen2_5_vl, qwen3_vl" in out
 
 
 def test_console_script_entry_point():

@@ -171,6 +171,17 @@ def test_lora_trains_adapters_only_and_saves_a_merged_plain_checkpoint(tmp_path,
     assert torch.equal(before[norm], after[norm])  # the base language model itself stayed frozen
 
 
+def test_lora_keeps_learning_the_new_tokens_embeddings_only(tiny_base):
+    from vlatent.training import LoraSettings, apply_lora
+
+    model = LatentVLM.from_pretrained(tiny_base, method="mirage")
+    apply_lora(model, LoraSettings(r=4))
+    weight = model.backbone.model.get_input_embeddings().weight
+    new = [model.tokenizer.convert_tokens_to_ids(t) for t in model.method.special_tokens()]
+    weight[[0, *new]].sum().backward()
+    assert weight.grad[new].abs().min() > 0 and weight.grad[0].abs().max() == 0
+
+
 def test_lora_recipe_errors_name_the_key(tmp_path, tiny_base, maze, capsys):
     cfg = tiny_recipe(tmp_path, tiny_base, maze, method="text")
     assert sft(["--config", cfg, "--set", "lora={rank: 8}"]) == 2

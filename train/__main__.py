@@ -1,8 +1,8 @@
-"""`vlatent train sft ...` / `python -m train sft ...`: dispatch to the training entry points."""
+"""`vlatent train sft|vlpo ...` / `python -m train sft|vlpo ...`: dispatch to the training entry points."""
 
 import sys
 
-USAGE = "usage: vlatent train sft --config RECIPE.yaml [--set key=value ...] [--resume] [--overwrite]"
+USAGE = "usage: vlatent train {sft,vlpo} --config RECIPE.yaml [--set key=value ...] [--resume] [--overwrite]"
 
 
 def main(argv=None) -> int:
@@ -14,6 +14,10 @@ def main(argv=None) -> int:
         from train.sft import main as sft
 
         return sft(argv[1:])
+    if argv[0] == "vlpo":
+        from train.vlpo import main as vlpo
+
+        return vlpo(argv[1:])
     print(f"error: unknown training entry point {argv[0]!r}\n{USAGE}", file=sys.stderr)
     return 2
 

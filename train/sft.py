@@ -31,8 +31,8 @@ from vlatent.training import (LatentTrainer, LoraSettings, apply_freezing, apply
 RUN_FILE = "vlatent_run.json"  # the world size a run was started with: resuming needs the same
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description="SFT of a LatentVLM from a YAML recipe.")
+def parse_args(argv, prog="vlatent train sft", description="SFT of a LatentVLM from a YAML recipe."):
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", required=True, help="YAML recipe (train/recipes/*.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe entry, e.g. training.learning_rate=1e-5 (repeatable)")
@@ -87,20 +87,8 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        recipe = load_recipe(args.config, args.set)
-        out = Path(recipe.training["output_dir"])
-        last = prepare_output(out, args.resume, args.overwrite, world_size)
-        train_records = load_records(recipe.data.train)
-        eval_records = load_records(recipe.data.eval) if recipe.data.eval else None
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+def load_model(recipe, rank: int) -> tuple[LatentVLM, dict]:
+    """The recipe's model with its freezing and LoRA applied; (model, parameter counts)."""
     model = LatentVLM.from_pretrained(recipe.model, method=recipe.method, dtype=recipe.dtype, **recipe.method_config)
     counts = apply_freezing(model, recipe.freeze_vision_tower, recipe.freeze_multi_modal_projector,
                             recipe.freeze_language_model)
@@ -109,6 +97,50 @@ def main(argv=None) -> int:
         counts = parameter_counts(model)
         if rank == 0:
             print(f"LoRA on {n_layers} linear layers of the language model (merged into the weights on save)")
+    return model, counts
+
+
+def training_arguments(recipe) -> TrainingArguments:
+    if recipe.deepspeed:
+        single_process_env()
+    training = {"report_to": [], "logging_steps": 1, "save_strategy": "no",
+                "use_cpu": not torch.cuda.is_available(),  # no GPU: accelerate's multi-CPU (gloo) path
+                **recipe.training}
+    return TrainingArguments(**training, deepspeed=recipe.deepspeed, remove_unused_columns=False)
+
+
+def run(trainer, out: Path, config: str, world_size: int, last: str | None, title: str) -> None:
+    """Train (or resume), then save the model with the recipe, the log history and the loss curves beside it."""
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps({"world_size": world_size, "recipe": str(config)}))
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        shutil.copy(config, out / "recipe.yaml")
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        plot_losses(trainer.state.log_history, out / "loss_curve.png", title=title)
+        print(f"saved {out}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        recipe = load_recipe(args.config, args.set)
+        if recipe.vlpo is not None:
+            raise ValueError(f"recipe {args.config!r} has a 'vlpo:' section: it is an RL recipe, run it with "
+                             "`vlatent train vlpo`")
+        out = Path(recipe.training["output_dir"])
+        last = prepare_output(out, args.resume, args.overwrite, world_size)
+        train_records = load_records(recipe.data.train)
+        eval_records = load_records(recipe.data.eval) if recipe.data.eval else None
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    model, counts = load_model(recipe, rank)
     collator = model.collator(max_length=recipe.data.max_length, on_overflow=recipe.data.on_overflow,
                               min_pixels=recipe.data.min_pixels, max_pixels=recipe.data.max_pixels)
     try:
@@ -120,24 +152,10 @@ def main(argv=None) -> int:
         print(f"{model.method.name} stage {model.method.config.stage}: {len(train_records)} records, "
               f"{counts['trainable'] / 1e6:.2f}M trainable / {counts['frozen'] / 1e6:.2f}M frozen parameters")
 
-    if recipe.deepspeed:
-        single_process_env()
-    training = {"report_to": [], "logging_steps": 1, "save_strategy": "no",
-                "use_cpu": not torch.cuda.is_available(),  # no GPU: accelerate's multi-CPU (gloo) path
-                **recipe.training}
-    targs = TrainingArguments(**training, deepspeed=recipe.deepspeed, remove_unused_columns=False)
-    trainer = LatentTrainer(model=model, args=targs, train_dataset=train_records, eval_dataset=eval_records,
-                            data_collator=collator)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps({"world_size": world_size, "recipe": str(args.config)}))
-    trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        shutil.copy(args.config, out / "recipe.yaml")
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        plot_losses(trainer.state.log_history, out / "loss_curve.png", title=f"{model.method.name} SFT")
-        print(f"saved {out}")
+    train_data, sampler = model.method.training_data(train_records)  # the records, or a method's views + schedule
+    trainer = LatentTrainer(model=model, args=training_arguments(recipe), train_dataset=train_data,
+                            eval_dataset=eval_records, data_collator=collator, train_sampler=sampler)
+    run(trainer, out, args.config, world_size, last, title=f"{model.method.name} SFT")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ``vlatent`` command: ``vlatent info``, ``vlatent quickstart`` (later: build-data, train, eval, demo)."""
+"""The ``vlatent`` command: ``vlatent info``, ``quickstart``, ``build-data``, ``train``, ``eval``, ``demo``."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def _app(module: str):
 
 
 # subcommand -> the app module whose main(argv) runs it
-APPS = {"build-data": "data_builders.__main__", "train": "train.__main__", "eval": "eval.run"}
+APPS = {"build-data": "data_builders.__main__", "train": "train.__main__", "eval": "eval.run", "demo": "demo.app"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, registered methods and backbones").set_defaults(fn=cmd_info)
     sub.add_parser("build-data", help="build a dataset: vlatent build-data NAME --out DIR ... (or validate / preview)")
-    sub.add_parser("train", help="train: vlatent train sft --config RECIPE.yaml [--resume] [--overwrite]")
+    sub.add_parser("train", help="train: vlatent train {sft,vlpo} --config RECIPE.yaml [--resume] [--overwrite]")
     sub.add_parser("eval", help="evaluate: vlatent eval --model PATH --bench mmmu|mmstar|maze|... --out DIR")
+    sub.add_parser("demo", help="the Gradio app: vlatent demo --model PATH [--host 127.0.0.1 --port 7860]")
     q = sub.add_parser("quickstart", help="run the main job on the built-in tiny default")
     q.add_argument("--out", default="runs/quickstart", help="where the data, models, evaluations and report go")
     q.add_argument("--n", type=int, default=320, help="maze examples to build (80/10/10 split)")

@@ -8,6 +8,8 @@ never recomputed (``use_cache=False`` does recompute it, as the reference the te
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,9 @@ class TextSegment:
 @dataclass
 class LatentSegment:
     latents: torch.Tensor  # (k, hidden): the vectors fed back as inputs, in order
+    features: torch.Tensor | None = None  # the method's own view of the segment (sketchpad: ViT-space latents)
+    means: torch.Tensor | None = None  # (k, hidden): what ``next_latent`` predicted; latents = means + sigma * noise
+    positions: torch.Tensor | None = None  # (k,) long: index of each latent step in ``Generation.token_ids``
 
     @property
     def k(self) -> int:
@@ -39,6 +44,7 @@ class Generation:
     segments: list[TextSegment | LatentSegment] = field(default_factory=list)
     finish_reason: str = "length"  # "eos" or "length"
     num_steps: int = 0  # positions generated for this row (text tokens, latent steps, forced end tokens)
+    token_ids: list[int] = field(default_factory=list)  # one per step: tokens (stop token too), latent pad at latents
 
     @property
     def text(self) -> str:
@@ -83,18 +89,17 @@ def _normalize(images, prompts, prefix):
 
 def _encode(model, images, prompts, prefixes):
     """Render, tokenise and left-pad the prompts into one batch."""
-    from .data import render_prompt
+    from .data.chat import encode_chat, render_prompt
 
     proc, pad_id = model.processor, model.tokenizer.pad_token_id
-    encs = []
-    for imgs, prompt, pre in zip(images, prompts, prefixes):
-        text = render_prompt(proc, prompt, len(imgs), prefix=pre)
-        encs.append(proc(text=[text], images=imgs or None, return_tensors="pt"))
-    width = max(e["input_ids"].shape[1] for e in encs)
+    encs = [encode_chat(proc, render_prompt(proc, prompt, len(imgs), prefix=pre), imgs)
+            for imgs, prompt, pre in zip(images, prompts, prefixes)]
+    for e in encs:
+        e["attention_mask"] = [1] * len(e["input_ids"])
+    width = max(len(e["input_ids"]) for e in encs)
 
     def left_pad(key, value):
-        return torch.cat([torch.nn.functional.pad(e[key] if key in e else torch.zeros_like(e["input_ids"]),
-                                                  (width - e["input_ids"].shape[1], 0), value=value) for e in encs])
+        return torch.tensor([[value] * (width - len(e[key])) + e[key] for e in encs])
 
     batch = {"input_ids": left_pad("input_ids", pad_id), "attention_mask": left_pad("attention_mask", 0),
              "mm_token_type_ids": left_pad("mm_token_type_ids", 0)}
@@ -120,13 +125,25 @@ def _pick(logits, do_sample, temperature, top_p, generator):
 @torch.no_grad()
 def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, use_cache: bool = True, latent_steps: str = "fixed", prefix=None,
-             generator: torch.Generator | None = None) -> list[Generation]:
+             generator: torch.Generator | None = None, on_segment=None, on_token=None, latent_hook=None,
+             allow_latents: bool = True, latent_sigma: float = 0.0, synced: bool = False) -> list[Generation]:
     """Generate one ``Generation`` per prompt.
 
     ``images``: one entry per prompt (``None``, a PIL image / path, or a list of them). ``latent_steps="fixed"``
     runs exactly K latent steps per segment, as trained; ``"auto"`` ends a segment when the LM head prefers the
     end token (at least one step, at most 2K). ``prefix`` starts the assistant turn with given text; ending it
     with the latent start token makes that row begin in latent mode.
+
+    ``on_segment(row, segment)`` is called as each segment completes and ``on_token(row, token_id)`` for each text
+    token as it is sampled, before its segment completes (streaming; see ``GenerationStream``).
+    ``latent_hook(z, context)`` replaces the latents about to be fed back, ``(m, hidden) -> (m, hidden)`` for the rows
+    ``context.rows`` (interventions; ``LatentSegment.latents`` records what was fed). ``allow_latents=False`` never
+    opens a latent segment: latent reasoning off, for comparisons.
+
+    ``latent_sigma > 0`` samples each latent from ``N(mu, sigma^2 I)`` around the method's prediction ``mu`` (RL
+    exploration; ``LatentSegment.means`` keeps ``mu``, ``positions`` where each latent sits). ``synced=True`` (ZeRO-3
+    with several processes, as HF's ``synced_gpus``): every process runs the same modules the same number of times
+    (the parameters are gathered per forward), so a process whose rows are done keeps stepping until all are.
     """
     if latent_steps not in ("fixed", "auto"):
         raise ValueError(f"latent_steps must be 'fixed' or 'auto', got {latent_steps!r}")
@@ -134,6 +151,8 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if not latent_sigma >= 0:
+        raise ValueError(f"latent_sigma must be >= 0, got {latent_sigma}")
     images, prompts, prefixes = _normalize(images, prompts, prefix)
 
     backbone, method, tok = model.backbone, model.method, model.tokenizer
@@ -143,16 +162,22 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
         raise ValueError(f"method {method.name!r} has no latent tokens; prefix cannot start a latent segment")
     k = cfg.num_latent_tokens
     start_id, end_id, pad_latent_id = cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id
-    stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None}
+    stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(backbone.chat_format.turn_end),
+                            tok.get_vocab().get("<|endoftext|>")) if i is not None}
     banned = [i for i in (pad_latent_id, end_id) if i is not None]  # never sampled as text
+    if not allow_latents and uses_latents:
+        if any(p.endswith(cfg.latent_start_token) for p in prefixes):
+            raise ValueError("allow_latents=False, but a prefix starts a latent segment")
+        banned.append(start_id)
 
     batch = _encode(model, images, prompts, prefixes)
     ids, attn = batch["input_ids"], batch["attention_mask"]
     n, device = ids.shape[0], ids.device
     positions = backbone.position_ids(ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attn)  # (3, n, L)
-    next_pos = positions.amax(dim=(0, 2)) + 1  # (n,)
-    embeds = backbone.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (n, L, hidden)
-    out = backbone(embeds, positions, attn, use_cache=use_cache)
+    next_pos = positions.reshape(-1, n, positions.shape[-1]).amax(dim=(0, 2)) + 1  # (n,); M-RoPE or 1-D alike
+    embeds, visual = backbone.embed_multimodal(ids, batch.get("pixel_values"), batch.get("image_grid_thw"),
+                                               uniform=synced)  # (n, L, hidden)
+    out = backbone(embeds, positions, attn, use_cache=use_cache, visual=visual)
     state = method.generation_state(model, batch)
     cache, h = out.past_key_values, out.last_hidden_state[:, -1]  # (n, hidden)
 
@@ -162,16 +187,25 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
     results = [Generation() for _ in range(n)]
     text_ids: list[list[int]] = [[] for _ in range(n)]
     latents: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    means: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    where: list[list[int]] = [[] for _ in range(n)]  # step index of each latent
 
     def flush_text(b):
         if text_ids[b]:
             results[b].segments.append(TextSegment(tok.decode(text_ids[b]), text_ids[b]))
             text_ids[b] = []
+            if on_segment is not None:
+                on_segment(b, results[b].segments[-1])
 
     def flush_latents(b):
         if latents[b]:
-            results[b].segments.append(LatentSegment(torch.stack(latents[b])))
-            latents[b] = []
+            features = method.segment_features(state, b)
+            results[b].segments.append(LatentSegment(torch.stack(latents[b]),
+                                                     None if features is None else features.float().cpu(),
+                                                     torch.stack(means[b]), torch.tensor(where[b])))
+            latents[b], means[b], where[b] = [], [], []
+            if on_segment is not None:
+                on_segment(b, results[b].segments[-1])
 
     for step in range(max_new_tokens):
         logits = backbone.logits(h).float()  # (n, vocab)
@@ -181,16 +215,24 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
             end_now = latent_mode & ((n_latent >= 2 * k) | ((n_latent >= 1) & (logits.argmax(-1) == end_id)))
         if banned:
             logits[:, banned] = float("-inf")
+        logits = method.constrain_logits(logits, state)
         tokens = _pick(logits, do_sample, temperature, top_p, generator)  # (n,)
         if uses_latents:
             tokens = torch.where(end_now, end_id, tokens)
         tokens = torch.where(done, tok.pad_token_id, tokens)
+        method.observe_tokens(tokens, state)
         feed_latent = latent_mode & ~end_now & ~done
         next_embeds = backbone.embed_tokens(tokens[:, None])  # (n, 1, hidden)
         z = None
-        if feed_latent.any():
+        if feed_latent.any() or (synced and uses_latents):  # synced: also with no row, so every process runs it
             context = LatentContext(rows=feed_latent.nonzero().squeeze(1), step=n_latent[feed_latent], state=state)
-            z = method.next_latent(h[feed_latent], context).to(next_embeds.dtype)  # (n_latent_rows, hidden)
+            mu = method.next_latent(h[feed_latent], context).float()  # (n_latent_rows, hidden)
+            z = mu
+            if latent_sigma > 0:
+                z = mu + latent_sigma * torch.randn(mu.shape, device=mu.device, generator=generator)
+            z = z.to(next_embeds.dtype)
+            if latent_hook is not None:
+                z = latent_hook(z, context).to(next_embeds.dtype)
             next_embeds[feed_latent, 0] = z
 
         # bookkeeping (host side, one sync per step)
@@ -201,8 +243,12 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
             if dn:
                 continue
             results[b].num_steps += 1
+            results[b].token_ids.append(pad_latent_id if fl else t)
             if fl:
-                latents[b].append(z[next(z_rows)].float().cpu())
+                r = next(z_rows)
+                latents[b].append(z[r].float().cpu())
+                means[b].append(mu[r].cpu())
+                where[b].append(results[b].num_steps - 1)
             elif en:
                 flush_latents(b)
             elif t in stop_ids:
@@ -214,20 +260,26 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
                 started[b] = True
             else:
                 text_ids[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
         n_latent = torch.where(feed_latent, n_latent + 1, torch.where(started, 0, n_latent))
         latent_mode = (latent_mode & ~end_now) | started
-        if bool(done.all()) or step == max_new_tokens - 1:
+        finished = done.all()
+        if synced:  # go on while any process has a row left
+            finished = finished.to(torch.int)
+            torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+        if bool(finished) or step == max_new_tokens - 1:
             break
 
-        step_pos = next_pos.view(1, n, 1).expand(3, n, 1)
+        step_pos = backbone.step_position_ids(next_pos)  # the family's ids for one token: (3, n, 1) or (n, 1)
         attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
         if use_cache:
-            out = backbone(next_embeds, step_pos, attn, past_key_values=cache, use_cache=True)
+            out = backbone(next_embeds, step_pos, attn, past_key_values=cache, use_cache=True, visual=visual)
             cache = out.past_key_values
         else:  # reference path: the whole prefix again
             embeds = torch.cat([embeds, next_embeds], dim=1)
-            positions = torch.cat([positions, step_pos], dim=2)
-            out = backbone(embeds, positions, attn)
+            positions = torch.cat([positions, step_pos], dim=-1)
+            out = backbone(embeds, positions, attn, visual=visual)
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
 
@@ -235,3 +287,60 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
         flush_text(b)
         flush_latents(b)
     return results
+
+
+class _Stopped(Exception):
+    """Raised inside a streamed generation to end it early (its consumer closed the stream)."""
+
+
+class GenerationStream:
+    """``generate`` as it happens, in a worker thread: iterate for ``(row, segment)`` as each segment completes and,
+    with ``tokens=True``, also ``(row, token_id)`` (an int) for each text token as it is sampled (its ``TextSegment``
+    follows when the segment completes). Once the iteration ends, ``generations`` holds what ``generate`` returned.
+    ``close()`` (or leaving a ``with`` block) stops the worker at its next event. Errors of the generation re-raise
+    here.
+
+        with GenerationStream(model, [image], [prompt], max_new_tokens=64) as stream:
+            for row, segment in stream: ...
+        stream.generations[0].text
+    """
+
+    def __init__(self, model, images, prompts, tokens: bool = False, **kwargs):
+        self.generations: list[Generation] | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        kwargs = {**kwargs, "on_segment": self._emit, **({"on_token": self._emit} if tokens else {})}
+        self._thread = threading.Thread(target=self._work, args=(model, images, prompts, kwargs), daemon=True)
+        self._thread.start()
+
+    def _emit(self, row, item):
+        if self._stop.is_set():
+            raise _Stopped
+        self._events.put(("event", (row, item)))
+
+    def _work(self, model, images, prompts, kwargs):
+        try:
+            self._events.put(("done", generate(model, images, prompts, **kwargs)))
+        except _Stopped:
+            self._events.put(("done", None))
+        except BaseException as e:  # handed to the consumer's thread
+            self._events.put(("error", e))
+
+    def __iter__(self):
+        while self.generations is None:
+            kind, value = self._events.get()
+            if kind == "event":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                self.generations = value if value is not None else []
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> "GenerationStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -2,7 +2,8 @@
 
 Each builder writes a genuine model + processor with tiny configs and random weights via `save_pretrained`,
 so the rest of vlatent loads it with `from_pretrained` exactly as it would load e.g. Qwen/Qwen2.5-VL-7B-Instruct.
-Everything is built offline in a few seconds: the tokenizer is a byte-level BPE trained on `CORPUS` below.
+Everything is built offline in a few seconds: the tokenizer is a byte-level BPE trained on `CORPUS` below (Gemma 3:
+a byte-fallback BPE in Gemma's layout), with each family's real tokenizer, processor classes and chat template.
 """
 
 from __future__ import annotations
@@ -19,13 +20,30 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    GemmaTokenizer,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2_5_VLTextConfig,
+    Qwen2Config,
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLTextConfig,
+    Qwen3VLVideoProcessor,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -104,6 +122,48 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
+# Qwen3-VL Instruct's chat template, reduced to what vlatent renders (no tools, no thinking, no video timestamps) and,
+# like Qwen2.5-VL's, showing images in every turn (the official one drops images from assistant turns).
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# LLaVA-OneVision (Qwen2 LM) ChatML with ``<image>`` placeholders, kept in content order (the official template moves a
+# message's images before its text, which would pull an inline helper image out of its place in an interleaved turn).
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<image>{% elif content['type'] == 'video' %}<video>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Gemma 3 (-it)'s official chat template: bos, system text folded into the first user turn, the assistant as "model".
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% if messages[0]['content'] is string %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% else %}{% set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' %}{% endif %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}"
+    "{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "<start_of_turn>{{ role }}\n{{ first_user_prefix if loop.first else '' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+GEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0..4, as in Gemma's vocabulary
+GEMMA_CONTROL_TOKENS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
 @lru_cache(maxsize=1)
 def _train_bpe() -> Tokenizer:
     """1000-token byte-level BPE with Qwen2's pre-tokenizer trained on CORPUS; special tokens get the ids after it."""
@@ -122,19 +182,52 @@ def _train_bpe() -> Tokenizer:
     return tok
 
 
-def _qwen_tokenizer() -> Qwen2Tokenizer:
-    """A real `Qwen2Tokenizer` over the local BPE; like Qwen's: eos `<|im_end|>`, pad `<|endoftext|>`, no bos/unk."""
+def _qwen_tokenizer(chat_template: str = QWEN2_VL_CHAT_TEMPLATE, extra: tuple[str, ...] = ()) -> Qwen2Tokenizer:
+    """A real `Qwen2Tokenizer` over the local BPE; like Qwen's: eos `<|im_end|>`, pad `<|endoftext|>`, no bos/unk.
+    ``extra``: more special tokens after Qwen's (LLaVA-OneVision's ``<image>``, ``<video>``)."""
+    bpe = _train_bpe()
+    if extra:
+        bpe = Tokenizer.from_str(bpe.to_str())
+        bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
     return Qwen2Tokenizer(
-        tokenizer_object=_train_bpe(),
+        tokenizer_object=bpe,
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=SPECIAL_TOKENS,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        extra_special_tokens=SPECIAL_TOKENS + list(extra),
+        chat_template=chat_template,
     )
 
 
-def _split_overrides(overrides: dict) -> tuple[dict, dict, dict, dict]:
+@lru_cache(maxsize=1)
+def _train_gemma_bpe() -> Tokenizer:
+    """BPE with byte fallback in Gemma's layout (spaces as "▁", no pre-tokenizer splits but on spaces), trained on
+    CORPUS: Gemma's five special tokens, the 256 byte tokens, the merges, then Gemma 3's control tokens."""
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = BpeTrainer(vocab_size=1000, special_tokens=GEMMA_SPECIAL_TOKENS + byte_tokens, show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA_SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA_CONTROL_TOKENS])
+    return tok
+
+
+def _gemma_tokenizer() -> GemmaTokenizer:
+    """A real `GemmaTokenizer` over the local BPE; like Gemma 3's: bos added, eos `<eos>`, pad `<pad>`, and the
+    image tokens the processor reads (`boi_token`, `eoi_token`, `image_token`)."""
+    return GemmaTokenizer(
+        tokenizer_object=_train_gemma_bpe(),
+        add_bos_token=True,
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+    )
+
+
+def _split_overrides(overrides: dict, text_fields=Qwen2_5_VLTextConfig.__dataclass_fields__) -> tuple[dict, ...]:
     """Route overrides to (text config, vision config, image processor, top-level config)."""
     text, vision, image, top = {}, {}, {}, {}
     for key, value in overrides.items():
@@ -142,7 +235,7 @@ def _split_overrides(overrides: dict) -> tuple[dict, dict, dict, dict]:
             vision[key.removeprefix("vision_")] = value
         elif key in ("min_pixels", "max_pixels"):
             image[key] = value
-        elif key in Qwen2_5_VLTextConfig.__dataclass_fields__:
+        elif key in text_fields:
             text[key] = value
         else:
             top[key] = value
@@ -200,12 +293,115 @@ def _build_qwen2_5_vl(out_dir: Path, seed: int, **overrides):
     processor.save_pretrained(out_dir)
 
 
-# One small builder per family; add qwen3_vl / llava_onevision / gemma3 here.
-BUILDERS = {"qwen2_5_vl": _build_qwen2_5_vl}
+def _text_config(tokenizer, text_over: dict, **defaults) -> dict:
+    """The tiny decoder shared by every family (64 wide, 2 layers), vocab rounded up to a multiple of 64."""
+    text = dict(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **defaults)
+    text.update(text_over)
+    if text["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size={text['vocab_size']} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    return text
+
+
+def _save(model_class, config, processor, out_dir: Path, seed: int, init=None) -> None:
+    """Random float32 weights under ``seed`` (``init(model)`` adjusts them); model and processor via save_pretrained."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class(config).to(torch.float32)
+        if init is not None:
+            init(model)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def _build_qwen3_vl(out_dir: Path, seed: int, **overrides):
+    """Qwen3VLForConditionalGeneration (interleaved M-RoPE, DeepStack after LM layer 0) + Qwen3VLProcessor."""
+    tokenizer = _qwen_tokenizer(QWEN3_VL_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_over, vision_over, image_over, top_over = _split_overrides(overrides, Qwen3VLTextConfig.__dataclass_fields__)
+    text = _text_config(tokenizer, text_over, head_dim=16, bos_token_id=ids["<|endoftext|>"],
+                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    half = text["head_dim"] // 2  # mrope_section sums to head_dim / 2; Qwen3-VL's [24, 20, 20] at head_dim 128
+    text.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_interleaved": True,
+                                        "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]})
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    vision.update(vision_over)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False, **top_over)
+    patches = dict(patch_size=vision["patch_size"], temporal_patch_size=vision["temporal_patch_size"],
+                   merge_size=vision["spatial_merge_size"], image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image = Qwen2VLImageProcessor(**patches, min_pixels=64 * 64, max_pixels=128 * 128, **image_over)
+    video = Qwen3VLVideoProcessor(**patches, size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128})
+    processor = Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                 chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    _save(Qwen3VLForConditionalGeneration, config, processor, out_dir, seed)
+
+
+def _build_llava_onevision(out_dir: Path, seed: int, **overrides):
+    """LlavaOnevisionForConditionalGeneration (SigLIP + 2-layer projector + Qwen2, anyres crops with newline tokens)
+    + LlavaOnevisionProcessor. A 28 px base view (2x2 patches of 14 px); larger images add crops up to 56 px."""
+    tokenizer = _qwen_tokenizer(LLAVA_ONEVISION_CHAT_TEMPLATE, extra=("<image>", "<video>"))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<image>", "<video>")}
+    text_over, vision_over, image_over, top_over = _split_overrides(overrides, Qwen2Config.__dataclass_fields__)
+    text = _text_config(tokenizer, text_over, model_type="qwen2", bos_token_id=ids["<|endoftext|>"],
+                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    vision.update(vision_over)
+    side = vision["image_size"]
+    pinpoints = [[side * a, side * b] for a in (1, 2) for b in (1, 2)]
+    config = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                                  video_token_index=ids["<video>"], image_grid_pinpoints=pinpoints,
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                  vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False, **top_over)
+    size = {"height": side, "width": side}
+    image = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3,
+                                         image_std=[0.5] * 3, **image_over)
+    video = LlavaOnevisionVideoProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = LlavaOnevisionProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                        num_image_tokens=(side // vision["patch_size"]) ** 2,
+                                        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
+    _save(LlavaOnevisionForConditionalGeneration, config, processor, out_dir, seed)
+
+
+def _build_gemma3(out_dir: Path, seed: int, **overrides):
+    """Gemma3ForConditionalGeneration (SigLIP 56 px -> 4x4 patches, average-pooled to 2x2 = 4 soft tokens per image;
+    alternating sliding / full attention; bidirectional attention among an image's tokens) + Gemma3Processor."""
+    tokenizer = _gemma_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA_SPECIAL_TOKENS + GEMMA_CONTROL_TOKENS}
+    text_over, vision_over, image_over, top_over = _split_overrides(overrides, Gemma3TextConfig.__dataclass_fields__)
+    text = _text_config(tokenizer, text_over, head_dim=16, query_pre_attn_scalar=16, sliding_window=512,
+                        layer_types=["sliding_attention", "full_attention"], pad_token_id=ids["<pad>"],
+                        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], bos_token_id=ids["<bos>"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
+    vision.update(vision_over)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"], **top_over)
+    image = Gemma3ImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]},
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3, **image_over)
+    processor = Gemma3Processor(image_processor=image, tokenizer=tokenizer, image_seq_length=config.mm_tokens_per_image,
+                                chat_template=GEMMA3_CHAT_TEMPLATE)
+    def init(model):  # HF starts the soft-token projection at zero, which would make every image the same
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        torch.nn.init.normal_(projection, std=config.initializer_range)
+
+    _save(Gemma3ForConditionalGeneration, config, processor, out_dir, seed, init)
+
+
+# One small builder per family, keyed by the HF model_type.
+BUILDERS = {"qwen2_5_vl": _build_qwen2_5_vl, "qwen3_vl": _build_qwen3_vl,
+            "llava_onevision": _build_llava_onevision, "gemma3": _build_gemma3}
 
 
 def build_tiny_base(out_dir, family: str = "qwen2_5_vl", seed: int = 0, **overrides) -> Path:
-    """Write a tiny random-weight base VLM + processor into out_dir (cached by the `vlatent_tiny.json` marker)."""
+    """Write a tiny random-weight base VLM + processor into out_dir (cached by the `vlatent_tiny.json` marker).
+    ``family``: the HF model_type, one of `BUILDERS` (qwen2_5_vl, qwen3_vl, llava_onevision, gemma3)."""
     if family not in BUILDERS:
         raise ValueError(f"Unknown tiny family {family!r}; supported: {sorted(BUILDERS)}")
     out_dir = Path(out_dir)

@@ -7,32 +7,46 @@ advances all three M-RoPE axes by one, exactly as a text token at that position 
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.vision_utils import get_vision_window_index
 
-from .base import Backbone, BackboneOutput, register_backbone
+from .base import Backbone, ChatFormat, register_backbone
 
 
 @register_backbone
 class Qwen2_5_VLBackbone(Backbone):
     family = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
+    processor_class = Qwen2_5_VLProcessor
+    chat_format = ChatFormat("<|im_start|>", "<|im_end|>", "assistant", ("<|vision_start|>", "<|vision_end|>"))
 
     @property
-    def hidden_size(self) -> int:
-        return self.config.text_config.hidden_size
+    def vision_features_per_token(self) -> int:
+        return self.config.vision_config.spatial_merge_size**2
 
-    @property
-    def image_token_id(self) -> int:
-        return self.config.image_token_id
-
-    @property
-    def vision_feature_size(self) -> int:
-        """Width of the ViT output before the merger (1280 for the 7B model)."""
-        return self.config.vision_config.hidden_size
+    @classmethod
+    def fixed_size_images_kwargs(cls, processor, size):
+        return {"size": {"shortest_edge": size * size, "longest_edge": size * size}}  # pin the pixel area
 
     def encode_images(self, pixel_values, image_grid_thw):
         out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return list(out.pooler_output)  # per image: (grid_h/2 * grid_w/2, hidden), raster order
+
+    def vision_features(self, pixel_values, image_grid_thw):
+        visual = self.model.model.visual
+        v = self.config.vision_config
+        out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw)
+        # the ViT runs in window order, in runs of m*m patches; undo it as the model undoes it for merged tokens
+        window_index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=v.spatial_merge_size,
+                                                  window_size=v.window_size, patch_size=v.patch_size)
+        unit = v.spatial_merge_size**2
+        hidden = out.last_hidden_state  # (n_patches, vision_hidden), window order
+        hidden = hidden.view(-1, unit, hidden.shape[-1])[torch.argsort(window_index)].flatten(0, 1)
+        return list(hidden.split(image_grid_thw.prod(-1).tolist()))  # per image: (grid_h * grid_w, vision_hidden)
+
+    def project_vision_features(self, features):
+        merger = self.model.model.visual.merger
+        return merger(features.type(merger.ln_q.weight.dtype))  # (n / 4, hidden)
 
     def parts(self):
         visual = self.model.model.visual
@@ -55,10 +69,5 @@ class Qwen2_5_VLBackbone(Backbone):
             attention_mask=attention_mask)
         return positions
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values=None, use_cache=False,
-                output_hidden_states=False) -> BackboneOutput:
-        out = self.model.model.language_model(
-            inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
-            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states)
-        return BackboneOutput(last_hidden_state=out.last_hidden_state, past_key_values=out.past_key_values,
-                              hidden_states=out.hidden_states if output_hidden_states else None)
+    def step_position_ids(self, next_pos):
+        return next_pos.view(1, -1, 1).expand(3, -1, 1)  # (3, n, 1): a text token advances t, h and w alike

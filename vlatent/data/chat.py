@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from PIL import Image
+
+from ..backbones import backbone_for_processor
+
 
 class _InlineImage:
     def __repr__(self) -> str:
@@ -56,6 +60,43 @@ def render_chat(
     if found != len(order):
         raise ValueError(f"chat template rendered {found} image placeholders for {len(order)} images")
     return text, order
+
+
+def encode_chat(processor, text: str, images: list, images_kwargs: dict | None = None) -> dict:
+    """Tokenise one rendered chat with its images, the same way for every family: ``input_ids`` and
+    ``mm_token_type_ids`` (lists; 1 on image placeholders) and, with images, ``pixel_values`` / ``image_grid_thw`` as
+    the family's adapter packs them (``Backbone.pack_images``). No special tokens are added: the template has them."""
+    enc = processor(text=[text], images=[images] if images else None,  # one sample: LLaVA-OV counts its images
+                    images_kwargs=images_kwargs or {}, add_special_tokens=False, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    out = {"input_ids": ids, "mm_token_type_ids": processor.create_mm_token_type_ids([ids])[0]}
+    if images:
+        out["pixel_values"], out["image_grid_thw"] = backbone_for_processor(processor).pack_images(processor, enc)
+    return out
+
+
+def encode_images(processor, images: list, images_kwargs: dict | None = None) -> tuple:
+    """Images alone through the image processor -> ``(pixel_values, image_grid_thw)`` packed as ``encode_chat`` does."""
+    enc = processor.image_processor(images=images, return_tensors="pt", **(images_kwargs or {}))
+    return backbone_for_processor(processor).pack_images(processor, enc)
+
+
+def image_trailer_length(processor) -> int:
+    """How many tokens the template and the processor put between an image's last placeholder and the item after it
+    (Qwen: ``<|vision_end|>``, 1; LLaVA-OneVision: 0; Gemma 3: ``<end_of_image>`` and a blank line), read off a
+    rendered one-image turn whose next item is a single special token."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": processor.tokenizer.pad_token}]}]
+    text = processor.apply_chat_template(turn, tokenize=False)
+    side = (getattr(processor.image_processor, "size", None) or {}).get("height") or 56
+    ids = encode_chat(processor, text, [Image.new("RGB", (side, side))])["input_ids"]
+    image_ids = set(processor.image_token_ids)
+    last = max(i for i, t in enumerate(ids) if t in image_ids)
+    return ids.index(processor.tokenizer.pad_token_id, last) - last - 1
+
+
+def chat_format(processor):
+    """The ``ChatFormat`` (turn and image marker tokens) of the family this processor belongs to."""
+    return backbone_for_processor(processor).chat_format
 
 
 def render_prompt(processor, text: str, num_images: int, prefix: str = "") -> str:

@@ -4,7 +4,8 @@ assistant turns only, the pixels of inline images and the helper images that lat
 Opt-in extras (off by default, so methods that do not ask see exactly the batches they always did):
 ``observation_tokens`` wraps text marked ``"observation": true`` in two single tokens and adds ``observation_mask``;
 ``teacher_latent_mode`` adds ``batch["teacher"]``, the same records collated in a second latent mode (what a
-distillation teacher sees); ``latent_targets=False`` skips the helper-image targets of ``"latent"`` mode.
+distillation teacher sees); ``latent_targets=False`` skips the helper-image targets of ``"latent"`` mode; ``latent_target_size=S`` resizes them
+to exactly S x S pixels (a method whose latents are a fixed grid, e.g. Latent Sketchpad's sketches).
 
 Records are never truncated: cutting inside an image or a latent segment is what makes a model fail with "image
 features and image tokens do not match", so a record over ``max_length`` is an error or is skipped.
@@ -12,31 +13,38 @@ features and image tokens do not match", so a record over ``max_length`` is an e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
+from ..backbones import backbone_for_processor
 from ..methods.base import LatentTokens
-from .chat import INLINE_IMAGE, render_chat
+from .chat import INLINE_IMAGE, chat_format, encode_chat, encode_images, render_chat
 from .records import RecordError, record_error
 
-LATENT_MODES = ("latent", "image", "drop", "image+latent")
+LATENT_MODES = ("latent", "image", "drop", "image+latent", "text")
 IGNORE_INDEX = -100
 
 
 class InterleavedCollator:
-    """Collate validated records (see ``load_records``) for a ChatML backbone such as Qwen2.5-VL.
+    """Collate validated records (see ``load_records``) for any registered backbone family (its ``ChatFormat``).
 
     ``latent_mode`` says what stands where a record has ``{"type": "latent", "image": j}``: ``"latent"`` a latent
     segment ``start pad*K end`` whose target is helper image j, ``"image"`` helper image j inline, ``"drop"``
     nothing, ``"image+latent"`` helper image j inline immediately followed by a latent segment (no target: the image
-    is in the sequence). ``min_pixels``/``max_pixels`` bound every image's area, hence its number of image tokens.
+    is in the sequence), ``"text"`` the supervised text ``latent_text(record, j)`` returns (perception tokens).
+    ``min_pixels``/``max_pixels`` bound every image's area, hence its number of image tokens.
 
     ``observation_tokens=(open, close)`` (two single tokens, e.g. ``("<observation>", "</observation>")``) wraps
     every text item marked ``"observation": true`` in them and adds ``observation_mask`` (batch, seq; bool): True
     on the tokens strictly between an ``open`` and its ``close``. Both tags are ordinary supervised text.
     ``teacher_latent_mode`` adds ``batch["teacher"]``: the same (kept) records collated with that latent mode and
     otherwise the same settings, except that it is never checked against ``max_length``.
-    ``latent_targets=False`` leaves out ``latent_target_pixel_values``/``latent_target_grid_thw`` in ``"latent"`` mode.
+    ``latent_targets=False`` leaves out ``latent_target_pixel_values``/``latent_target_grid_thw`` in ``"latent"`` mode;
+    ``latent_target_size=S`` resizes every helper image to S x S pixels first and pins the image processor to that area,
+    so each target has the same grid (S a multiple of the backbone's patch size x merge size).
+    ``latent_target_pixels=S`` adds ``latent_target_images`` (segments, 3, S, S) in [-1, 1]: the helper images' raw
+    pixels, resized (CoCoVa's reconstruction target).
     """
 
     def __init__(
@@ -54,9 +62,14 @@ class InterleavedCollator:
         observation_tokens: tuple[str, str] | None = None,
         teacher_latent_mode: str | None = None,
         latent_targets: bool = True,
+        latent_target_size: int | None = None,
+        latent_target_pixels: int | None = None,
+        latent_text=None,
     ):
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode={latent_mode!r}; expected one of {', '.join(LATENT_MODES)}")
+        if (latent_mode == "text") != callable(latent_text):
+            raise ValueError('latent_mode="text" and latent_text (a callable (record, j) -> str) go together')
         if latent_mode in ("latent", "image+latent") and latent_tokens is None:
             raise ValueError(f'latent_mode="{latent_mode}" needs latent_tokens (the method config\'s latent_tokens)')
         if teacher_latent_mode is not None and teacher_latent_mode not in LATENT_MODES:
@@ -77,6 +90,10 @@ class InterleavedCollator:
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if latent_target_size is not None and (not isinstance(latent_target_size, int) or latent_target_size < 1):
+            raise ValueError(f"latent_target_size must be a positive integer or None, got {latent_target_size!r}")
+        if latent_target_pixels is not None and (not isinstance(latent_target_pixels, int) or latent_target_pixels < 1):
+            raise ValueError(f"latent_target_pixels must be a positive integer or None, got {latent_target_pixels!r}")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
 
@@ -91,14 +108,18 @@ class InterleavedCollator:
         self.num_skipped = 0
         self.skipped_ids: list[str] = []
         self.latent_targets = latent_targets
+        self.latent_target_size = latent_target_size
+        self.latent_target_pixels = latent_target_pixels
+        self.latent_text = latent_text
         self.observation_tokens = tuple(observation_tokens) if observation_tokens is not None else None
 
         if tok.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
-        self.im_start_id, self.im_end_id = self._token_id("<|im_start|>"), self._token_id("<|im_end|>")
+        self.chat_format = fmt = chat_format(processor)  # the family's turn and image marker tokens
+        self.im_start_id, self.im_end_id = self._token_id(fmt.turn_start), self._token_id(fmt.turn_end)
         # Image tokens stay unsupervised even inside assistant turns; latent pads too (the method fills them).
-        vision = [self._token_id(t) for t in ("<|vision_start|>", "<|vision_end|>")]
-        not_supervised = [processor.image_token_id, *vision]
+        vision = [self._token_id(t) for t in fmt.image_markers]
+        not_supervised = [processor.image_token_id, *processor.image_token_ids, *vision]
         if latent_mode in ("latent", "image+latent"):
             # All three must be single tokens, else a segment would be split into text pieces and supervised as such.
             _, pad, _ = (self._token_id(t) for t in (latent_tokens.start, latent_tokens.pad, latent_tokens.end))
@@ -117,6 +138,9 @@ class InterleavedCollator:
         self.images_kwargs = {}
         if min_pixels is not None or max_pixels is not None:
             size = processor.image_processor.size
+            if "longest_edge" not in size:
+                raise ValueError(f"min_pixels / max_pixels bound the area of dynamic-resolution images (Qwen-VL); "
+                                 f"{type(processor.image_processor).__name__} resizes every image to {dict(size)}")
             self.images_kwargs["size"] = {"shortest_edge": min_pixels or size["shortest_edge"],
                                           "longest_edge": max_pixels or size["longest_edge"]}
 
@@ -155,13 +179,14 @@ class InterleavedCollator:
     def encode(self, record: dict) -> dict:
         """One record -> unpadded ``input_ids``, ``labels``, ``mm_token_type_ids`` (lists) and its pixels."""
         self._check_text(record)
-        text, order = render_chat(self.processor, record["messages"], latent_text=lambda j: self.latent_item,
+        item = (lambda j: self.latent_text(record, j)) if self.latent_mode == "text" else lambda j: self.latent_item
+        text, order = render_chat(self.processor, record["messages"], latent_text=item,
                                   observation=self.observation_tokens)
         images = [self._open(record, j) for j in order]
-        enc = self.processor(text=[text], images=images or None, images_kwargs=self.images_kwargs)
-        ids = enc["input_ids"][0]
+        enc = encode_chat(self.processor, text, images, self.images_kwargs)
+        ids = enc["input_ids"]
         row = {"id": record["id"], "input_ids": ids, "attention_mask": [1] * len(ids), "labels": self._labels(ids),
-               "mm_token_type_ids": enc["mm_token_type_ids"][0]}
+               "mm_token_type_ids": enc["mm_token_type_ids"]}
         if images:
             row["pixel_values"], row["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
         if self.observation_tokens is not None:
@@ -171,9 +196,17 @@ class InterleavedCollator:
             targets = [it["image"] for msg in record["messages"] for it in msg["content"] if it["type"] == "latent"]
         if targets and self.latent_targets:
             helpers = [self._open(record, j) for j in targets]
-            tgt = self.processor.image_processor(images=helpers, **self.images_kwargs)
-            row["latent_target_pixel_values"] = tgt["pixel_values"]
-            row["latent_target_grid_thw"] = tgt["image_grid_thw"]
+            kwargs = self.images_kwargs
+            if self.latent_target_size is not None:
+                s = self.latent_target_size
+                helpers = [h.resize((s, s), Image.Resampling.BICUBIC) for h in helpers]
+                kwargs = backbone_for_processor(self.processor).fixed_size_images_kwargs(self.processor, s)
+            row["latent_target_pixel_values"], row["latent_target_grid_thw"] = encode_images(self.processor, helpers,
+                                                                                             kwargs)
+        if targets and self.latent_target_pixels is not None:  # raw helper pixels, e.g. a reconstruction target
+            s = self.latent_target_pixels
+            helpers = [np.asarray(self._open(record, j).resize((s, s), Image.Resampling.BICUBIC)) for j in targets]
+            row["latent_target_images"] = torch.from_numpy(np.stack(helpers)).permute(0, 3, 1, 2).float() / 127.5 - 1
         row["num_latent_segments"] = len(targets)
         if self.latent_mode == "image+latent":
             row["num_latent_segments"] = sum(it["type"] == "latent" for msg in record["messages"]
@@ -197,7 +230,8 @@ class InterleavedCollator:
 
     def _labels(self, ids: list[int]) -> list[int]:
         """Supervise each assistant turn's content and its closing ``<|im_end|>``, found from token ids:
-        ``<|im_start|>`` + role tokens up to the first token holding a newline, then content up to ``<|im_end|>``."""
+        ``<|im_start|>`` + role tokens up to the first token holding a newline, then content up to ``<|im_end|>``
+        (the family's ``ChatFormat``: Gemma's are ``<start_of_turn>``, role ``model``, ``<end_of_turn>``)."""
         labels = [IGNORE_INDEX] * len(ids)
         t = 0
         while t < len(ids):
@@ -211,7 +245,7 @@ class InterleavedCollator:
             end = head + 1
             while end < len(ids) and ids[end] != self.im_end_id:
                 end += 1
-            if role == "assistant":
+            if role == self.chat_format.assistant_role:
                 for p in range(head + 1, min(end + 1, len(ids))):
                     if ids[p] not in self.not_supervised:
                         labels[p] = ids[p]
@@ -260,7 +294,8 @@ class InterleavedCollator:
         }
         if self.observation_tokens is not None:
             batch["observation_mask"] = pad("observation_mask", 0).bool()
-        for key in ("pixel_values", "image_grid_thw", "latent_target_pixel_values", "latent_target_grid_thw"):
+        for key in ("pixel_values", "image_grid_thw", "latent_target_pixel_values", "latent_target_grid_thw",
+                    "latent_target_images"):
             parts = [r[key] for r in rows if key in r]
             if parts:
                 batch[key] = torch.cat(parts)

@@ -8,7 +8,7 @@ wires a method to a backbone adapter; trainers, evaluators and the demo only tal
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 

@@ -22,12 +22,12 @@ Choices the paper leaves open (or where the released code is not followed):
 - Observation tags are ordinary supervised tokens (the model learns to write them, so inference sequences look like
   training ones; the released code never supervises them). The CE weight applies to the tokens strictly inside the
   tags; CE is the weight-normalised mean ``sum(w * ce) / sum(w)`` over supervised tokens, as released.
-- Stage-2 mask: causal + padding, and the image-pad tokens of an auxiliary image (one whose ``<|vision_end|>`` is
-  directly followed by the latent start token) are visible only to that image's own tokens (causally, as usual) and
-  to the K latent pads right after it. ``<|vision_end|>``, the start/end tokens, observation text, later images and
-  later latent segments do not see it. Latent pads see all earlier context, as they do in stage 3 and at inference
-  (the released 4-D mask hides the context from the latents and the image tokens from each other; its recurrent pass
-  does not). The mask is additive in the model dtype, so it works with sdpa and eager attention (not flash).
+- Stage-2 mask: causal + padding, and the image-pad tokens of an auxiliary image (one whose closing tokens, e.g.
+  ``<|vision_end|>``, are directly followed by the latent start token) are visible only to that image's own tokens
+  (causally, as usual) and to the K latent pads right after it. The closing tokens, the start/end tokens, observation
+  text, later images and later latent segments do not see it. Latent pads see all earlier context, as they do in
+  stage 3 and at inference (the released 4-D mask hides the context from the latents and the image tokens from each
+  other; its recurrent pass does not). The mask is additive in the model dtype, so it works with sdpa and eager attention (not flash).
 - Latents are the student's own recurrent hidden states, computed exactly as in Mirage stage 2 (pass j recomputes
   every row up to its j-th latent slot, backprop through the whole chain): S latent slots cost S + 1 forwards. The
   released code detaches each latent step's input (one-step gradient); this keeps the full chain.
@@ -96,10 +96,10 @@ def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 
 def stage2_allowed(input_ids, attention_mask, *, image_token_id: int, latent_start_id: int,
-                   latent_pad_id: int) -> torch.Tensor:
+                   latent_pad_id: int, image_trailer: int = 1) -> torch.Tensor:
     """(batch, seq, seq) bool, True where query row may attend to key column: causal, no padded keys, and the
-    image-pad tokens of each auxiliary image (its ``<|vision_end|>`` is followed by the latent start token) visible
-    only to that image's own tokens and to the latent pads of the segment right after it."""
+    image-pad tokens of each auxiliary image (its ``image_trailer`` closing tokens, e.g. ``<|vision_end|>``, are
+    followed by the latent start token) visible only to that image's own tokens and to the latent pads after it."""
     n, length = input_ids.shape
     device = input_ids.device
     allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril().expand(n, length, length).clone()
@@ -110,7 +110,7 @@ def stage2_allowed(input_ids, attention_mask, *, image_token_id: int, latent_sta
     for b in range(n):
         ids = input_ids[b].tolist()
         for a, e in zip(starts[b].nonzero().flatten().tolist(), ends[b].nonzero().flatten().tolist()):
-            s = e + 2  # image pads [a, e], then <|vision_end|>, then the latent start token
+            s = e + 1 + image_trailer  # image pads [a, e], the image's closing tokens, then the latent start token
             if s >= length or ids[s] != latent_start_id:
                 continue  # a question image (or any image not followed by a latent segment): visible to all
             pads = s + 1
@@ -257,12 +257,16 @@ class Monet(LatentMethod):
                              "take; load the model with attn_implementation='sdpa' or 'eager'")
         c = model.method.config
         ids = batch["input_ids"]
+        from ..data.chat import image_trailer_length
+
+        trailer = image_trailer_length(model.processor)  # tokens closing an image: the family's template
         allowed = stage2_allowed(ids, batch["attention_mask"], image_token_id=model.backbone.image_token_id,
-                                 latent_start_id=c.latent_start_id, latent_pad_id=c.latent_pad_id)
-        # every latent segment must follow an auxiliary image (image pad, vision end, start), else the batch was
-        # collated for another stage
+                                 latent_start_id=c.latent_start_id, latent_pad_id=c.latent_pad_id,
+                                 image_trailer=trailer)
+        # every latent segment must follow an auxiliary image (image pad, its closing tokens, start), else the batch
+        # was collated for another stage
         starts = ids == c.latent_start_id
-        after_image = F.pad(ids == model.backbone.image_token_id, (2, 0))[:, :-2]
+        after_image = F.pad(ids == model.backbone.image_token_id, (trailer + 1, 0))[:, :ids.shape[1]]
         if bool((starts & ~after_image).any()):
             raise ValueError(f"batch {batch.get('ids')}: a latent segment does not follow an auxiliary image; stage-2 "
                              'sequences are collated with latent_mode="image+latent"')

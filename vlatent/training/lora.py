@@ -35,8 +35,9 @@ class LoraSettings:
 
 
 def apply_lora(model, settings: LoraSettings) -> int:
-    """Inject LoRA adapters into the language model and freeze its base weights; returns the adapted layer count.
-    The vision tower, projector and the method's modules keep whatever the freezing switches said."""
+    """Inject LoRA adapters into the language model and freeze its base weights, except the embedding rows of the
+    method's new tokens; returns the adapted layer count. The vision tower, projector, LM head and the method's
+    modules keep whatever the freezing switches said."""
     from peft import LoraConfig, inject_adapter_in_model
 
     lm = model.backbone.parts()["language_model"][0]  # the decoder stack (the LM head stays as it is)
@@ -47,8 +48,22 @@ def apply_lora(model, settings: LoraSettings) -> int:
     lm.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                                        target_modules=settings.target_modules), lm)
+    train_new_token_rows(model)  # after the injection, which leaves only the adapters trainable inside ``lm``
     model.lora = settings
     return sum(1 for n, _ in lm.named_modules() if n.endswith(".lora_A"))
+
+
+def train_new_token_rows(model) -> None:
+    """Keep learning the input embeddings of the tokens the method added (latent delimiters, perception codes): the
+    embedding matrix stays trainable with its gradient masked to those rows, so every other row stays as loaded."""
+    ids = [model.tokenizer.convert_tokens_to_ids(t) for t in model.method.special_tokens()]
+    if not ids:
+        return
+    weight = model.backbone.model.get_input_embeddings().weight
+    keep = torch.zeros(weight.shape[0], 1, device=weight.device)
+    keep[ids] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
 
 
 def merge_lora(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ class Recipe:
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None keeps the checkpoint's
     deepspeed: str | None = None  # a DeepSpeed JSON (train/ds_configs/*.json); None trains without DeepSpeed
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments fields (output_dir, ...)
+    vlpo: dict | None = None  # RL recipes only: VLPOConfig fields (vlatent.training.vlpo); checked by train/vlpo.py
     source: str = ""  # where the recipe came from, for messages
 
 

@@ -34,10 +34,14 @@ def parameter_counts(model) -> dict[str, int]:
 class LatentTrainer(Trainer):
     """Trains ``LatentVLM.forward(batch)``; logs ``loss_<name>`` for each of the method's named losses."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler  # from ``method.training_data`` (e.g. perception's curriculum)
         self._named: dict[str, torch.Tensor] = {}
         self._named_since = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(inputs)

@@ -1,0 +1,1 @@
+"""The Gradio demo app: ``app.py`` (``vlatent demo``)."""

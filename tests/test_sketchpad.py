@@ -1,0 +1,206 @@
+"""Latent Sketchpad: backbone ViT hooks, build-time config errors, both SFT stages overfitting maze records,
+generation of ViT-space sketches (multimodal / text only), the sketch decoder and its training script, and a DeepSpeed
+run of stage 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from vlatent.decoders import SketchDecoder, SketchDecoderConfig, load_decoder, load_vision_encoder
+from vlatent.methods import create_method
+from vlatent.model import LatentVLM
+from vlatent.testing import tiny_image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train.sft import main as sft  # noqa: E402
+from train.sketch_decoder import main as train_decoder  # noqa: E402
+
+from test_training import maze  # noqa: E402, F401  (16 maze records from the real builder, one sketch per run)
+
+TINY = {"sketch_size": 56, "head_heads": 4}  # 56 px sketch: 2 x 2 = 4 latent tokens, 16 ViT vectors of width 32
+
+
+def run_tiny_recipe(name, model, data, out):
+    """train/recipes/tiny/<name>.yaml in-process, without DeepSpeed (the slow test below runs it), 24 steps."""
+    assert sft(["--config", str(ROOT / "train" / "recipes" / "tiny" / f"{name}.yaml"), "--set", f"model={model}",
+                "--set", f"data.train={data}", "--set", f"training.output_dir={out}", "--set", "deepspeed=null",
+                "--set", "training.max_steps=24", "--set", "training.logging_steps=4",
+                "--set", "training.disable_tqdm=true"]) == 0
+    return out, [e for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, tiny_base, maze):
+    """Stage 1 (backbone, CE on sequences holding the true sketches) then stage 2 (vision head, backbone frozen)."""
+    tmp = tmp_path_factory.mktemp("sketchpad")
+    one = run_tiny_recipe("sketchpad_stage1", tiny_base, maze, tmp / "stage1")
+    two = run_tiny_recipe("sketchpad_stage2", one[0], maze, tmp / "stage2")
+    return {"stage1": one, "stage2": two}
+
+
+def test_vision_features_are_the_vit_output_that_the_merger_turns_into_image_embeddings(mirage_model):
+    backbone, processor = mirage_model.backbone, mirage_model.processor
+    # 224 x 168 px -> 16 x 12 patches in 4 attention windows, so the window reordering is exercised
+    batch = processor.image_processor(images=[tiny_image(0, (224, 168)), tiny_image(1, (56, 56))],
+                                      size={"shortest_edge": 3136, "longest_edge": 224 * 224}, return_tensors="pt")
+    with torch.no_grad():
+        features = backbone.vision_features(batch["pixel_values"], batch["image_grid_thw"])
+        embeds = backbone.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        assert [tuple(f.shape) for f in features] == [(192, 32), (16, 32)]
+        assert backbone.vision_features_per_token == 4 == super(type(backbone), backbone).vision_features_per_token
+        for f, e in zip(features, embeds):
+            torch.testing.assert_close(backbone.project_vision_features(f), e)
+
+
+def test_bad_config_fails_at_build_time(tiny_base):
+    def fails(match, **cfg):
+        with pytest.raises(ValueError, match=match):
+            LatentVLM.from_pretrained(tiny_base, method="sketchpad", **{**TINY, **cfg})
+
+    fails(r"vision_feature_size=1280 does not fit the backbone: the backbone's ViT width before the merger is 32",
+          vision_feature_size=1280)
+    fails(r"num_latent_tokens=16 does not fit the backbone: LM tokens of a 56x56 sketch for this backbone.* is 4",
+          num_latent_tokens=16)
+    fails(r"features_per_token=16 does not fit", features_per_token=16)
+    fails(r"head_heads=5 does not divide vision_feature_size=32", head_heads=5)
+    fails(r"sketchpad has stages 1 and 2", stage=3)
+    with pytest.raises(ValueError, match="vision_feature_size is not set"):
+        create_method("sketchpad", hidden_size=64, num_latent_tokens=4, features_per_token=4)
+    with pytest.raises(ValueError, match="aligner_heads=3 does not divide aligner_dim=128"):
+        SketchDecoderConfig(feature_dim=32, num_features=16, aligner_heads=3)
+
+
+def test_collated_sketch_targets_have_the_configured_grid(tiny_base, maze):
+    from vlatent.data import load_records
+
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
+    records = load_records(maze)[:2]
+    batch = model.collator()(records)
+    n_sketches = sum(sum(it["type"] == "latent" for m in r["messages"] for it in m["content"]) for r in records)
+    assert batch["latent_target_grid_thw"].tolist() == [[1, 4, 4]] * n_sketches  # 176 px helper images -> 56 px
+    wrong = model.collator(latent_target_size=None)(records)  # helper images at their own size: another grid
+    with pytest.raises(ValueError, match=r"a helper image gives 64 ViT features, a sketch is 16"):
+        model.method.sketch_targets(model, wrong)
+
+
+def test_both_stages_overfit_maze_records(stages):
+    _, log1 = stages["stage1"]
+    assert set(log1[0]) >= {"loss", "loss_ce"} and "loss_latent_vit" not in log1[0]
+    assert log1[-1]["loss"] < 0.6 * log1[0]["loss"], log1
+    _, log2 = stages["stage2"]
+    assert {"loss_latent_vit", "loss_latent_embed"} <= set(log2[0])
+    for key in ("loss", "loss_latent_vit", "loss_latent_embed"):
+        assert log2[-1][key] < 0.8 * log2[0][key], (key, log2)
+
+
+def test_stage2_trains_only_the_vision_head(stages, tiny_base):
+    one = LatentVLM.from_pretrained(stages["stage1"][0])
+    two = LatentVLM.from_pretrained(stages["stage2"][0])
+    base = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
+    lm = "backbone.model.lm_head.weight"
+    assert not torch.equal(one.state_dict()[lm], base.state_dict()[lm])  # stage 1 fine-tuned the backbone
+    for key, value in two.backbone.state_dict().items():
+        torch.testing.assert_close(value, one.backbone.state_dict()[key], msg=key)  # stage 2 kept it frozen
+    head = "head.in_proj.0.weight"
+    assert not torch.equal(two.method.state_dict()[head], one.method.state_dict()[head])
+    assert two.method.config.stage == 2 and two.method.config.num_latent_tokens == 4
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory, tiny_base, maze):
+    """A sketch decoder for the tiny ViT at the method's 56 px, trained briefly by its script on maze sketches."""
+    out = tmp_path_factory.mktemp("decoder") / "sketch"
+    assert train_decoder(["--images", str(maze.parent / "images"), "--pattern", "*-step*.png", "--encoder",
+                          str(tiny_base), "--encoder-image-size", "56", "--image-size", "32", "--out", str(out),
+                          "--vae-steps", "40", "--aligner-steps", "150",
+                          "--path-color", "40,100,230"]) == 0
+    return out
+
+
+def test_decoder_script_learns_and_writes_a_loadable_decoder(decoder, tiny_base, maze):
+    log = [e for e in json.loads((decoder / "train_log.json").read_text()) if e["phase"] == "aligner"]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"], log
+    result = json.loads((decoder / "metrics.json").read_text())
+    assert result["held_out_images"] >= 1 and result["decoded_from_features"]["psnr"] > 0
+    assert Image.open(decoder / "reconstructions.png").size[1] == 3 * (32 + 2)
+    loaded = load_decoder(decoder)
+    assert isinstance(loaded, SketchDecoder) and loaded.config.num_features == 16 and loaded.config.feature_dim == 32
+    encoder = load_vision_encoder(str(tiny_base), 56)
+    features = encoder([Image.open(p) for p in sorted((maze.parent / "images").glob("*-step1.png"))[:2]])
+    pictures = loaded.decode(features)
+    assert [p.size for p in pictures] == [(32, 32)] * 2
+    assert pictures[0].tobytes() != pictures[1].tobytes()
+    again = SketchDecoder.from_pretrained(decoder).decode(features[0])[0]
+    assert again.tobytes() == loaded.decode([features[0]])[0].tobytes()  # saved and reloaded: the same picture
+    with pytest.raises(ValueError, match=r"reads 16 x 32 per image"):
+        loaded.decode(torch.zeros(64, 32))
+
+
+def test_decoder_script_rejects_bad_arguments(tmp_path, capsys):
+    assert train_decoder(["--images", str(tmp_path / "nowhere"), "--encoder", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert train_decoder(["--images", str(tmp_path / "empty"), "--encoder", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "has 0 image(s)" in capsys.readouterr().err
+
+
+def test_generate_sketches_and_decode_them(stages, decoder):
+    model = LatentVLM.from_pretrained(stages["stage2"][0]).eval()
+    images, prompts = [tiny_image(0), tiny_image(1), None], ["Where next?", "Sketch the route.", "Hi"]
+    prefix = ["Go up 1.<|latent_start|>", "", "Go<|latent_start|>"]
+    gens = model.generate(images, prompts, max_new_tokens=16, prefix=prefix)
+    for g in (gens[0], gens[2]):
+        segment = g.latent_segments[0]
+        assert segment.latents.shape == (4, 64) and segment.features.shape == (16, 32)
+        torch.testing.assert_close(model.backbone.project_vision_features(segment.features), segment.latents,
+                                   atol=1e-5, rtol=1e-4)  # the latents are the sketch through the merger
+    assert not torch.equal(gens[0].latent_segments[0].features, gens[2].latent_segments[0].features)  # context-aware
+    pictures = load_decoder(decoder).render(gens[0].latent_segments + gens[2].latent_segments[:1])
+    assert len(pictures) == len(gens[0].latent_segments) + 1 and pictures[0].size == (32, 32)
+    # batched = one row at a time (rows in different modes do not disturb each other)
+    alone = model.generate([images[0]], [prompts[0]], max_new_tokens=16, prefix=[prefix[0]])[0]
+    torch.testing.assert_close(alone.latent_segments[0].features, gens[0].latent_segments[0].features,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_text_only_generation_never_sketches(stages):
+    model = LatentVLM.from_pretrained(stages["stage2"][0]).eval()
+    first = model.generate([tiny_image(0)], ["Where next?"], max_new_tokens=1)[0].segments[0].token_ids[0]
+    head = model.backbone.model.get_output_embeddings().weight
+    with torch.no_grad():  # make <|latent_start|> the greedy choice wherever `first` was
+        head[model.method.config.latent_start_id] = 3 * head[first]
+    sketching = model.generate([tiny_image(0)], ["Where next?"], max_new_tokens=8)[0]
+    assert sketching.latent_segments and sketching.latent_segments[0].features is not None
+    gen = model.generate([tiny_image(0)], ["Where next?"], max_new_tokens=8, allow_latents=False)[0]
+    assert not gen.latent_segments and gen.num_steps == 8
+
+
+@pytest.mark.slow
+def test_stage2_under_deepspeed(tmp_path, stages, maze):
+    """Stage 2 under DeepSpeed ZeRO-3 on CPU (one process, gloo): steps run, the head learns, the result generates."""
+    cfg = tmp_path / "ds.yaml"  # the tiny stage-2 recipe's settings, under ZeRO-3
+    cfg.write_text(yaml.safe_dump({
+        "model": str(stages["stage1"][0]), "method_config": {"stage": 2}, "data": {"train": str(maze)},
+        "freeze_vision_tower": True, "freeze_multi_modal_projector": True, "freeze_language_model": True,
+        "deepspeed": str(ROOT / "train" / "ds_configs" / "zero3.json"),
+        "training": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "learning_rate": 3e-3,
+                     "max_steps": 6, "logging_steps": 1, "seed": 0, "disable_tqdm": True}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(ROOT / "train" / "sft.py"), "--config", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    logs = [e for e in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "loss" in e]
+    assert len(logs) == 6 and logs[-1]["loss_latent_vit"] < logs[0]["loss_latent_vit"], logs
+    model = LatentVLM.from_pretrained(tmp_path / "out")
+    gen = model.generate([tiny_image(0)], ["Where next?"], max_new_tokens=6, prefix="<|latent_start|>")[0]
+    assert gen.latent_segments[0].features.shape == (16, 32)

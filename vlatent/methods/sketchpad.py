@@ -1,0 +1,349 @@
+"""Latent Sketchpad: Sketching Visual Thoughts to Elicit Multimodal Reasoning in MLLMs (arXiv 2510.24514).
+
+The model sketches in the vision encoder's own feature space. A latent segment ``start pad*K end`` is one sketch: its
+K latent tokens are the K LM tokens of a ``sketch_size`` x ``sketch_size`` image. A context-aware **vision head**
+turns the LM's last hidden state before each slot into that slot's ViT-space latents, attending causally to the
+latents already produced for the current sketch and to the *global context* (the ViT features of the input images and
+of the earlier sketches of the same answer); the latents re-enter the LM through the backbone's own merger /
+projector (``backbone.project_vision_features``), exactly as a real image's ViT features would.
+
+K latent LM tokens <-> ViT vectors: one LM token is what the merger fuses from ``features_per_token`` ViT vectors
+(Qwen2.5-VL: a 2 x 2 patch unit, 4 x 1280 -> 3584), so a sketch is ``K * features_per_token`` ViT vectors, grouped
+per token in the order ``backbone.vision_features`` returns them. The head maps each hidden state to its token's
+``features_per_token`` vectors (an MLP, as released: hidden -> hidden -> 4 x 1280), then refines them with blocks
+of [causal cross-attention to (global context ; local latents), causal self-attention over the local latents, MLP].
+
+Two stages, as released (``scripts/train_stage{1,2}.sh``):
+1. Fine-tune the backbone on the interleaved data: each latent slot holds the ground-truth sketch (the helper image's
+   ViT features through the merger, teacher forced), text CE only; the vision head is frozen (image loss weight 0).
+   The LM learns to open a sketch (``<|latent_start|>`` is supervised) and to reason from it.
+2. Freeze the backbone (recipe ``freeze_*``) and train the vision head, the slots again holding the ground truth:
+   ``vit_weight * L1(head, target ViT features) + embed_weight * L1(merger(head), merger(target))`` — the released
+   ``loss_type l1`` (both spaces), text weight 0 (``ce_weight`` > 0 adds text CE).
+
+Generation "multimodal" (the default): when the model writes ``<|latent_start|>`` the vision head fills the K slots,
+one per step on the KV cache (the head itself is re-run over the current sketch's <= K tokens, a few small layers).
+"Text only": ``model.generate(..., allow_latents=False)`` never opens a sketch, so the same checkpoint reasons in
+text alone (the paper's backbone comparison; the release's ``GENERATION_TYPE``). Each ``LatentSegment.features``
+holds the sketch's ``(K * features_per_token, d_v)`` ViT-space latents, which ``vlatent.decoders.SketchDecoder``
+renders as an image.
+
+Choices the paper leaves open (or where the release is not followed):
+- Targets are the raw ViT output before the merger (the release first applies the merger's RMSNorm); the merger
+  still normalises on the way into the LM. The head's output has a free scale (final linear layer).
+- Global context = ViT features of the input images and of earlier sketches (targets in training, the head's own
+  latents at inference); the release feeds the input images' merged embeddings through the head's MLP instead.
+- Helper images are resized to exactly ``sketch_size`` px (collator ``latent_target_size``), so every sketch is one
+  fixed grid; the release fixes 256 tokens (448 px) likewise.
+- A sketch is forced to exactly K latents: use ``latent_steps="fixed"`` (the default) at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .base import LatentContext, LatentMethod, MethodConfig, register_method
+
+@dataclass
+class SketchpadConfig(MethodConfig):
+    num_latent_tokens: int | None = None  # K: LM tokens of one sketch; read off the backbone and sketch_size
+    sketch_size: int = 448  # helper images (ground-truth sketches) are resized to sketch_size x sketch_size px
+    vision_feature_size: int | None = None  # d_v, the ViT width before the merger; read off the backbone
+    features_per_token: int | None = None  # ViT vectors the merger fuses into one LM token; read off the backbone
+    head_layers: int = 2  # vision-head blocks (release: 2 cross-attention + 8 self-attention layers)
+    head_heads: int = 16  # attention heads of the vision head; must divide vision_feature_size
+    ce_weight: float = 0.0  # stage-2 text CE weight (release: 0; stage 1 trains CE at weight 1)
+    vit_weight: float = 1.0  # stage-2 L1 in ViT space
+    embed_weight: float = 1.0  # stage-2 L1 after the merger (LM space)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a boolean ``allowed`` mask ``(batch, q, k)``."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, kv, allowed):
+        b, n, d = x.shape
+
+        def split(t):
+            return t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # (b, heads, len, d_head)
+
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(kv)), split(self.v(kv)),
+                                             attn_mask=allowed[:, None])
+        return self.o(out.transpose(1, 2).reshape(b, n, d))
+
+
+class VisionHeadBlock(nn.Module):
+    """Causal cross-attention over (global context ; local latents), causal self-attention over the local latents,
+    MLP; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm_cross, self.norm_kv, self.norm_self, self.norm_mlp = (nn.LayerNorm(dim) for _ in range(4))
+        self.cross = Attention(dim, heads)
+        self.self_attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, context, context_mask):
+        n = x.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # (n, n)
+        allowed = torch.cat([context_mask[:, None, :].expand(-1, n, -1), causal.expand(x.shape[0], n, n)], dim=2)
+        kv = self.norm_kv(torch.cat([context, x], dim=1))  # (s, g + n, d)
+        x = x + self.cross(self.norm_cross(x), kv, allowed)
+        h = self.norm_self(x)
+        x = x + self.self_attn(h, h, causal.expand(x.shape[0], n, n))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class VisionHead(nn.Module):
+    """LM hidden states before each slot of a sketch -> its ViT-space latents:
+    ``(s, k, hidden) -> (s, k * per, d_v)``."""
+
+    def __init__(self, hidden_size: int, feature_size: int, per_token: int, num_tokens: int, layers: int, heads: int):
+        super().__init__()
+        self.per_token, self.feature_size = per_token, feature_size
+        self.in_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
+                                     nn.Linear(hidden_size, per_token * feature_size))
+        self.position = nn.Parameter(torch.randn(num_tokens * per_token, feature_size) * 0.02)  # within a sketch
+        self.blocks = nn.ModuleList(VisionHeadBlock(feature_size, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(feature_size)
+        self.out_proj = nn.Linear(feature_size, feature_size)
+
+    def forward(self, hidden, context, context_mask):
+        s, k, _ = hidden.shape
+        x = self.in_proj(hidden).view(s, k * self.per_token, self.feature_size)  # (s, k * per, d_v)
+        x = x + self.position[: x.shape[1]]
+        context = context.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, context, context_mask)
+        return self.out_proj(self.norm(x))
+
+
+@dataclass
+class SketchState:
+    """Per-batch inference state: each row's global context, and the current sketch's LM states and latents."""
+
+    project: object  # backbone.project_vision_features
+    context: list[list[torch.Tensor]]  # per row: (n_i, d_v) ViT features of input images and finished sketches
+    hidden: list[list[torch.Tensor]] = field(default_factory=list)  # per row: LM states of the current sketch
+    features: list[torch.Tensor | None] = field(default_factory=list)  # per row: current sketch (k * per, d_v)
+
+
+def pad_context(pieces: list[list[torch.Tensor]], width: int, like: torch.Tensor):
+    """Per-sketch lists of (n_i, d) tensors -> (s, g, d) zero-padded and its (s, g) validity mask."""
+    rows = [torch.cat(p) if p else like.new_zeros(0, width) for p in pieces]
+    g = max([r.shape[0] for r in rows], default=0)
+    out = like.new_zeros(len(rows), g, width)
+    mask = torch.zeros(len(rows), g, dtype=torch.bool, device=like.device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+def image_rows(input_ids: torch.Tensor, image_token_id: int) -> tuple[list[int], list[int]]:
+    """(row, first token position) of every inline image, in the order their pixels are concatenated."""
+    is_img = input_ids == image_token_id
+    first = is_img & ~F.pad(is_img, (1, 0))[:, :-1]
+    rows, positions = first.nonzero(as_tuple=True)  # row-major: the collator's order
+    return rows.tolist(), positions.tolist()
+
+
+@register_method
+class Sketchpad(LatentMethod):
+    name = "sketchpad"
+    config_class = SketchpadConfig
+
+    def __init__(self, config: SketchpadConfig, hidden_size: int):
+        super().__init__(config, hidden_size)
+        c = config
+        if c.stage not in (1, 2):
+            raise ValueError(f"sketchpad has stages 1 and 2, got stage={c.stage}")
+        for name in ("num_latent_tokens", "vision_feature_size", "features_per_token"):
+            value = getattr(c, name)
+            if value is None:
+                raise ValueError(f"sketchpad: {name} is not set; LatentVLM.from_pretrained reads it off the backbone, "
+                                 "or pass it explicitly")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"sketchpad: {name} must be a positive integer, got {value!r}")
+        for name in ("sketch_size", "head_layers", "head_heads"):
+            if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+                raise ValueError(f"sketchpad: {name} must be a positive integer, got {getattr(c, name)!r}")
+        if c.vision_feature_size % c.head_heads:
+            raise ValueError(f"sketchpad: head_heads={c.head_heads} does not divide vision_feature_size="
+                             f"{c.vision_feature_size}")
+        if min(c.ce_weight, c.vit_weight, c.embed_weight) < 0:
+            raise ValueError("sketchpad: loss weights must be >= 0")
+        self.head = VisionHead(hidden_size, c.vision_feature_size, c.features_per_token, c.num_latent_tokens,
+                               c.head_layers, c.head_heads)
+        if c.stage == 1:  # stage 1 fine-tunes the backbone only (release: image loss weight 0)
+            self.head.requires_grad_(False)
+
+    @property
+    def sketch_features(self) -> int:
+        """ViT vectors in one sketch: K * features_per_token."""
+        return self.config.num_latent_tokens * self.config.features_per_token
+
+    @classmethod
+    def backbone_config(cls, config, backbone, processor):
+        config = dict(config)
+        size = config.get("sketch_size", SketchpadConfig.sketch_size)
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"sketchpad: sketch_size must be a positive integer, got {size!r}")
+        per = backbone.vision_features_per_token
+        from ..data.chat import encode_images
+
+        blank = Image.new("RGB", (size, size))
+        pixels, grid = encode_images(processor, [blank], type(backbone).fixed_size_images_kwargs(processor, size))
+        with torch.no_grad():  # count the ViT vectors of one sketch, whatever the family's image layout
+            n_features = backbone.vision_features(pixels.to(backbone.model.device), grid.to(backbone.model.device))
+        tokens = n_features[0].shape[0] // per
+        fits = {"vision_feature_size": (backbone.vision_feature_size, "the backbone's ViT width before the merger"),
+                "features_per_token": (per, "ViT vectors the backbone's merger fuses into one LM token"),
+                "num_latent_tokens": (tokens, f"LM tokens of a {size}x{size} sketch for this backbone; "
+                                              "change sketch_size to change it")}
+        for name, (value, what) in fits.items():
+            given = config.get(name)
+            if given is None:
+                config[name] = value
+            elif given != value:
+                raise ValueError(f"sketchpad: {name}={given} does not fit the backbone: {what} is {value}")
+        return config
+
+    # -- data ---------------------------------------------------------------------------------------
+    def latent_mode(self) -> str:
+        return "latent"
+
+    def collator_kwargs(self) -> dict:
+        return {"latent_target_size": self.config.sketch_size}
+
+    # -- training -----------------------------------------------------------------------------------
+    def loss_weights(self):
+        c = self.config
+        if c.stage == 1:
+            return {"ce": 1.0}
+        return {"ce": c.ce_weight, "latent_vit": c.vit_weight, "latent_embed": c.embed_weight}
+
+    @staticmethod
+    def vit_features(model, pixel_values, grid) -> tuple[list[torch.Tensor], bool]:
+        """(features, real): the frozen ViT's features of these images. With no images, while training on several
+        ranks, the dummy image's (``real=False``): every rank then runs the tower and the merger the same number of
+        times in the same order, as ZeRO-3 needs (see ``LatentVLM.uniform_compute``)."""
+        real = pixel_values is not None
+        if not real:
+            if not model.uniform_compute:
+                return [], False
+            pixel_values, grid = model.backbone.dummy_image_inputs()
+        with torch.no_grad():
+            return model.backbone.vision_features(pixel_values, grid), real
+
+    def sketch_targets(self, model, batch) -> tuple[list[torch.Tensor], bool]:
+        """The helper images' ViT features, one (K * per, d_v) per latent segment, checked against the sketch grid."""
+        targets, real = self.vit_features(model, batch.get("latent_target_pixel_values"),
+                                          batch.get("latent_target_grid_thw"))
+        for t in targets if real else []:
+            if t.shape[0] != self.sketch_features:
+                raise ValueError(
+                    f"batch {batch.get('ids')}: a helper image gives {t.shape[0]} ViT features, a sketch is "
+                    f"{self.sketch_features} (K={self.config.num_latent_tokens} tokens of "
+                    f"{self.config.sketch_size} px); "
+                    "collate with model.collator(), which resizes helper images to sketch_size")
+        return targets, real
+
+    def training_losses(self, model, batch):
+        c, backbone = self.config, model.backbone
+        b, t = model.latent_slots(batch)
+        targets, real = self.sketch_targets(model, batch)
+        if b.numel() and not real:
+            raise ValueError(f"batch {batch.get('ids')}: {b.numel()} latent pad tokens but no helper images "
+                             "(latent_target_pixel_values); collate with model.collator()")
+        embeds = model.embed_inputs(batch)
+        if targets:
+            target_embeds = backbone.project_vision_features(torch.cat(targets))  # (n_slots, hidden)
+            if real:  # teacher forcing: every slot holds the true sketch, as the merger would feed a real image
+                model.check_latent_targets((b, t), target_embeds, batch)
+                embeds = embeds.index_put((b, t), target_embeds.to(embeds.dtype))
+            else:
+                embeds = embeds + 0.0 * target_embeds.sum().to(embeds.dtype)
+        hidden = model.run_language_model(embeds, batch).last_hidden_state  # (batch, seq, hidden)
+        losses = {"ce": model.lm_loss(hidden, batch["labels"])}
+        if c.stage == 1:
+            return losses
+        images, images_real = self.vit_features(model, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        if not real:  # no sketch in this batch: run the head (and merger) anyway, at weight 0
+            predicted = self.head(hidden.new_zeros(1, c.num_latent_tokens, hidden.shape[-1]),
+                                  hidden.new_zeros(1, 0, c.vision_feature_size),
+                                  torch.zeros(1, 0, dtype=torch.bool, device=hidden.device))
+            zero = (predicted.sum() + backbone.project_vision_features(predicted.flatten(0, 1)).sum()) * 0.0
+            return {**losses, "latent_vit": zero, "latent_embed": zero}
+        k = c.num_latent_tokens
+        context = self.global_context(batch, b, t, targets, images if images_real else [], backbone.image_token_id)
+        predicted = self.head(hidden[b, t - 1].view(-1, k, hidden.shape[-1]), *context)  # (s, k * per, d_v)
+        embedded = backbone.project_vision_features(predicted.flatten(0, 1))  # (s * k, hidden)
+        losses["latent_vit"] = F.l1_loss(predicted.float(), torch.stack(targets).float())
+        losses["latent_embed"] = F.l1_loss(embedded.float(), target_embeds.float())
+        return losses
+
+    def global_context(self, batch, b, t, targets, images, image_token_id):
+        """Each sketch's global context: ViT features of its row's earlier inline images and earlier sketches,
+        padded to ``(s, g, d_v)`` with its ``(s, g)`` mask."""
+        k = self.config.num_latent_tokens
+        seg_rows, seg_starts = b.view(-1, k)[:, 0].tolist(), t.view(-1, k)[:, 0].tolist()
+        placed = list(zip(*image_rows(batch["input_ids"], image_token_id), images)) if images else []
+        pieces = []
+        for s, (row, start) in enumerate(zip(seg_rows, seg_starts)):
+            earlier = [f for r, p, f in placed if r == row and p < start]
+            earlier += [targets[j] for j in range(s) if seg_rows[j] == row]  # segments come in row-major order
+            pieces.append(earlier)
+        return pad_context(pieces, self.config.vision_feature_size, targets[0])
+
+    # -- inference ----------------------------------------------------------------------------------
+    def generation_state(self, model, batch):
+        backbone, n = model.backbone, batch["input_ids"].shape[0]
+        context = [[] for _ in range(n)]
+        if batch.get("pixel_values") is not None:
+            feats = backbone.vision_features(batch["pixel_values"], batch["image_grid_thw"])
+            for row, _, f in zip(*image_rows(batch["input_ids"], backbone.image_token_id), feats):
+                context[row].append(f)
+        return SketchState(project=backbone.project_vision_features, context=context,
+                           hidden=[[] for _ in range(n)], features=[None] * n)
+
+    def next_latent(self, hidden, context: LatentContext | None = None):
+        if context is None or not isinstance(context.state, SketchState):
+            raise ValueError("sketchpad.next_latent needs the generation context (it runs inside vlatent.generate)")
+        state, k, per = context.state, self.config.num_latent_tokens, self.config.features_per_token
+        rows, steps = context.rows.tolist(), context.step.tolist()
+        if not rows:  # synced generation (ZeRO-3): this process has no sketching row but runs the modules anyway
+            empty = hidden.new_zeros(1, 0, self.config.vision_feature_size)
+            out = self.head(hidden.new_zeros(1, 1, hidden.shape[-1]), empty, empty[..., 0].bool())
+            return state.project(out[0])[:0].to(hidden.dtype)  # (0, hidden)
+        for row, step, h in zip(rows, steps, hidden):
+            if step >= k:
+                raise ValueError(f"sketchpad sketches are exactly K={k} latents; generate with latent_steps='fixed'")
+            if step == 0:  # a new sketch: the finished one joins the row's global context
+                if state.features[row] is not None:
+                    state.context[row].append(state.features[row])
+                state.hidden[row], state.features[row] = [], None
+            state.hidden[row].append(h)
+        lengths = [len(state.hidden[r]) for r in rows]
+        local = hidden.new_zeros(len(rows), max(lengths), hidden.shape[-1])  # padded at the end: causal, never read
+        for i, r in enumerate(rows):
+            local[i, : lengths[i]] = torch.stack(state.hidden[r])
+        ctx, mask = pad_context([state.context[r] for r in rows], self.config.vision_feature_size, hidden)
+        out = self.head(local, ctx, mask)  # (m, max_len * per, d_v)
+        new = []
+        for i, r in enumerate(rows):
+            state.features[r] = out[i, : lengths[i] * per]
+            new.append(out[i, (lengths[i] - 1) * per : lengths[i] * per])
+        return state.project(torch.cat(new)).to(hidden.dtype)  # (m, hidden)
+
+    def segment_features(self, state, row):
+        return state.features[row] if isinstance(state, SketchState) else None

@@ -1,0 +1,117 @@
+"""Rewards for VLPO, with TRL's reward signature ``fn(completions, **columns) -> list[float | None]``.
+
+``completions`` are the answers' text (latent segments left out); ``columns`` are the record's fields, one list entry
+per completion: ``prompts``, ``answer``, ``options`` (``meta.options``), ``question_type``, ``task``, ``id``, ``meta``,
+and ``generations`` (the ``vlatent.generation.Generation`` objects, for rewards that look at the latent segments).
+Unknown columns must be accepted (``**kwargs``), as in TRL. ``None`` means "does not apply to this completion"; a
+completion whose every reward is ``None`` is an error.
+
+Built-in rewards:
+
+- ``accuracy`` (1.0 / 0.0) through ``vlatent.scoring``: multiple choice (records with ``options``) by VLMEvalKit's
+  exact matching (``judge("mmstar", ...)``, never a random letter); a bare option letter without listed options
+  ("Answer A or B", the ``depth`` task) by the same option-letter rule; everything else (numbers, the synthetic tasks'
+  words) by MMMU's open-question rule (``judge("mmmu", ..., question_type="open")``: numbers equal after rounding to
+  two decimals, a word when the gold answer occurs in one of the response's key phrases; as in MMMU a short gold
+  word can match inside a longer one, e.g. "no" inside "know").
+- ``format`` (1.0 / 0.0): the answer is stated as the records state it, "The answer is X".
+
+Register your own with ``@register_reward("name")`` (or name a ``module:function`` in the recipe).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import string
+from typing import Callable
+
+from ..scoring import judge
+from ..scoring.mmstar import can_infer_option
+
+RewardFunc = Callable[..., list]
+
+_REWARDS: dict[str, RewardFunc] = {}
+
+
+def register_reward(name: str):
+    """Decorator: make ``fn(completions, **columns) -> list[float | None]`` available to recipes as ``name``."""
+
+    def add(fn: RewardFunc) -> RewardFunc:
+        if not callable(fn):
+            raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
+        _REWARDS[name] = fn
+        return fn
+
+    return add
+
+
+def list_rewards() -> list[str]:
+    return sorted(_REWARDS)
+
+
+def get_reward(name: str) -> RewardFunc:
+    """A registered reward by name, or ``package.module:function``."""
+    if name in _REWARDS:
+        return _REWARDS[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
+        if not callable(fn):
+            raise ValueError(f"reward {name!r} is not callable")
+        return fn
+    raise ValueError(f"unknown reward {name!r}; registered: {', '.join(list_rewards())} (or give module:function)")
+
+
+def _correct(completion: str, answer, options, question_type) -> bool:
+    gold = str(answer).strip()
+    if options:
+        return judge("mmstar", completion, gold, options=list(options))
+    if len(gold) == 1 and gold in string.ascii_uppercase:  # "Answer A or B": an option letter, options not listed
+        letters = string.ascii_uppercase[: string.ascii_uppercase.index(gold) + 1]
+        return can_infer_option(completion, {letter: letter for letter in max(letters, "AB", key=len)}) == gold
+    return judge("mmmu", completion, [str(a) for a in answer] if isinstance(answer, list) else gold,
+                 question_type="open")
+
+
+@register_reward("accuracy")
+def accuracy_reward(completions: list[str], answer: list, options: list | None = None,
+                    question_type: list | None = None, **kwargs) -> list[float | None]:
+    """1.0 where the completion's answer is judged right against the record's ``answer`` (``None`` without one)."""
+    options = options or [None] * len(completions)
+    question_type = question_type or [None] * len(completions)
+    return [None if gold in (None, "") else float(_correct(c, gold, o, q))
+            for c, gold, o, q in zip(completions, answer, options, question_type)]
+
+
+_ANSWER_IS = re.compile(r"\banswer is\s*:?\s*\S", re.IGNORECASE)
+
+
+@register_reward("format")
+def format_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion states an answer as "The answer is X"."""
+    return [float(bool(_ANSWER_IS.search(c))) for c in completions]
+
+
+def score_completions(funcs: list[RewardFunc], names: list[str], completions: list[str],
+                      columns: dict[str, list]) -> list[list[float]]:
+    """(n_completions, n_funcs) rewards, ``nan`` where a reward does not apply; checks what each function returns."""
+    table = []
+    for fn, name in zip(funcs, names):
+        values = fn(completions, **columns)
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise ValueError(f"reward {name!r} returned {got} values for {len(completions)} completions")
+        try:
+            table.append([float("nan") if v is None else float(v) for v in values])
+        except (TypeError, ValueError):
+            raise ValueError(f"reward {name!r} must return numbers or None, got {list(values)[:4]!r}") from None
+    rows = [list(r) for r in zip(*table)]
+    for i, r in enumerate(rows):
+        if all(v != v for v in r):  # nan
+            raise ValueError(f"no reward applies to completion {i} (record {columns['id'][i]!r}): every reward "
+                             f"({', '.join(names)}) returned None")
+    return rows
