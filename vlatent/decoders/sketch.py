@@ -30,6 +30,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..configs import from_dict
+
 DECODER_CONFIG = "decoder_config.json"
 ALIGNER_WEIGHTS = "aligner.safetensors"
 OPEN_CLIP = "open_clip:"
@@ -66,11 +68,7 @@ class SketchDecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "sketch decoder config") -> "SketchDecoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return from_dict(cls, d, where)
 
 
 def small_vae(config: SketchDecoderConfig) -> AutoencoderKL:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..configs import from_dict
+
 if TYPE_CHECKING:
     from ..model import LatentVLM
 
@@ -63,11 +65,7 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return from_dict(cls, d, cls.__name__)
 
 
 class LatentMethod(nn.Module):

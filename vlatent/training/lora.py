@@ -3,9 +3,11 @@ weights, so a LoRA run saves the same plain HF checkpoint a full fine-tune does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
+
+from ..configs import from_dict
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -21,10 +23,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "lora") -> "LoraSettings":
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(d) - known):
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-        s = cls(**d)
+        s = from_dict(cls, d, where)
         if s.r < 1 or s.lora_alpha <= 0 or not 0 <= s.lora_dropout < 1 or not s.target_modules:
             raise ValueError(f"{where}: need r >= 1, lora_alpha > 0, 0 <= lora_dropout < 1 and target_modules, got {s}")
         return s

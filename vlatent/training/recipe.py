@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from transformers import TrainingArguments
 
+from ..configs import check_keys
 from ..methods import method_class
 from .lora import LoraSettings
 
@@ -43,9 +44,7 @@ class Recipe:
 
 
 def _check_keys(where: str, given: dict, known: set[str]) -> None:
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ValueError(f"recipe {where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    check_keys(f"recipe {where}", given, known)
 
 
 def _set(tree: dict, dotted: str, value) -> None:

@@ -47,7 +47,6 @@ and each objective forward calls the vision tower, the LM head and the latent he
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -61,6 +60,7 @@ from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import ModelOutput
 
+from ..configs import from_dict
 from ..generation import TextSegment, _encode, _normalize
 from .rewards import get_reward, score_completions
 from .trainer import LatentTrainer
@@ -98,11 +98,7 @@ class VLPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "vlpo") -> "VLPOConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-        config = cls(**d)
+        config = from_dict(cls, d, where)
         config.validate(where)
         return config
 
