@@ -41,6 +41,7 @@ BUDGETS = {
                           "num_attention_heads": 8, "num_key_value_heads": 2}, "device_note": "one GPU"},
 }
 INTERVENTIONS = ("zero", "swap", "noise")
+STAGE_KEYS = ("method", "method_config", "share", "from", "teacher")  # the rest of a stage goes to its SFT recipe
 
 
 def load_arm(name: str) -> dict:
@@ -83,6 +84,16 @@ def present(records: list[dict], how: str) -> list[dict]:
     return out
 
 
+def prepare(arm: dict, data: Path) -> None:
+    """The arm's one-off step per task folder (e.g. training perception's depth tokenizer), cached by its --out."""
+    if "prepare" not in arm:
+        return
+    cmd = [str(x).format(data=data) for x in arm["prepare"]]
+    out = Path(cmd[cmd.index("--out") + 1])
+    if not out.is_dir():
+        subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, capture_output=True)
+
+
 def arm_data(data: Path, how: str) -> Path:
     """train.jsonl as the arm sees it, written beside the original (image paths stay relative to it)."""
     if how == "as_built":
@@ -108,7 +119,8 @@ def run_job(job: dict) -> dict:
     outputs, history, seen = [], [], 0
     for i, stage in enumerate(arm["stages"]):
         start = outputs[stage.get("from", i - 1)] if i else job["base"]
-        method_config = dict(stage.get("method_config", {}))
+        method_config = {k: v.format(data=job["data"]) if isinstance(v, str) else v
+                         for k, v in stage.get("method_config", {}).items()}
         if "teacher" in stage:
             method_config["teacher"] = outputs[stage["teacher"]]
         steps = max(1, round(stage["share"] * budget["examples"] / budget["batch"]))
@@ -118,6 +130,7 @@ def run_job(job: dict) -> dict:
                                "learning_rate": job["lr"], "max_steps": steps, "warmup_steps": max(1, steps // 20),
                                "lr_scheduler_type": "cosine", "logging_steps": max(1, steps // 20),
                                "seed": job["seed"], "data_seed": job["seed"], "disable_tqdm": True}}
+        recipe.update({k: v for k, v in stage.items() if k not in STAGE_KEYS})  # freezing switches, lora
         if i:  # later stages continue a vlatent checkpoint, which knows its method
             recipe.pop("method")
         path = out / f"stage{i}.yaml"
@@ -310,6 +323,8 @@ def main() -> int:
                 "budget": budget, "data": str(data[task]), "base": bases[seed], "out": str(root / "runs" / tag)}
 
     pairs = [(name, t) for name, arm in arms.items() for t in tasks if t in arm["tasks"]]
+    for name, t in pairs:
+        prepare(arms[name], data[t])
     lr, tuned = {}, {}
     with ThreadPoolExecutor(args.jobs) as pool:
         if args.tune:
