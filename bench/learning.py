@@ -75,10 +75,18 @@ def present(records: list[dict], how: str) -> list[dict]:
         turn = r["messages"][-1]["content"]
         if how == "answer_only":
             r["messages"][-1]["content"] = [{"type": "text", "text": f"The answer is {r['answer']}."}]
-        elif how == "observations":
-            for prev, item in zip(turn, turn[1:]):
-                if prev["type"] == "latent" and item["type"] == "text":
-                    item["observation"] = True
+        elif how == "observations":  # what follows a latent step is observed, the closing answer sentence is not
+            final = f"The answer is {r['answer']}."
+            views = []
+            for prev, item in zip([None, *turn], turn):
+                if prev is not None and prev["type"] == "latent" and item["type"] == "text":
+                    seen = item["text"].removesuffix(final).rstrip()
+                    views.append({**item, "text": seen, "observation": True} if seen else item)
+                    if seen != item["text"].rstrip():
+                        views.append({"type": "text", "text": " " + final})
+                else:
+                    views.append(item)
+            r["messages"][-1]["content"] = views
         else:
             raise ValueError(f"records: {how!r} is not as_built, answer_only or observations")
     return out

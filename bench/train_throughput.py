@@ -39,15 +39,10 @@ def load_model(base: str, teachers: str, method: str, cfg: dict):
 
 
 def maze_batch(model, data: str, batch: int):
+    from learning import present  # bench/learning.py: Monet's view, the text after a latent step is observed
     from vlatent.data import load_records
 
-    records = load_records(data)[:batch]
-    for r in records:  # Monet's data: the text right after a latent segment is what the model observed
-        content = r["messages"][-1]["content"]
-        for prev, item in zip(content, content[1:]):
-            if prev["type"] == "latent" and item["type"] == "text":
-                item["observation"] = True
-    return model.collator()(records)
+    return model.collator()(present(load_records(data)[:batch], "observations"))
 
 
 def run_arm(base, data, teachers, method, cfg, batch, steps) -> dict:

@@ -334,6 +334,7 @@ def answer_text(output: str) -> str:
 
 
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*([^\n]*)", re.IGNORECASE)
+_MARKUP = re.compile(r"<\|?/?[A-Za-z][\w|]*\|?>")  # a method's tokens in the text: <observation>, </observation>, <|im_end|>
 _EDGES = " \t\n.,;:!?\"'`*()[]{}"
 
 
@@ -343,7 +344,9 @@ def normalize(text: str) -> str:
 
 def extract_answer(text: str) -> str | None:
     """A free-form synthetic answer: what follows the last "The answer is", up to the end of its sentence, else the
-    last word; normalised (lower case, outer punctuation dropped). None for an empty output."""
+    last word; normalised (lower case, outer punctuation dropped). None for an empty output. Markup tokens a method
+    writes (Monet's ``</observation>`` after "The answer is B.") are not part of the answer."""
+    text = _MARKUP.sub(" ", text)
     found = _ANSWER_IS.findall(text)
     if found:
         answer = re.split(r"[.!?](?:\s|$)", found[-1])[0]

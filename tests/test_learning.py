@@ -14,7 +14,7 @@ import learning  # noqa: E402
 RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze", "meta": {}, "messages": [
     {"role": "user", "content": [{"type": "image", "image": 0}, {"type": "text", "text": "Which way?"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "Sketch."}, {"type": "latent", "image": 1},
-                                      {"type": "text", "text": "Left turn."}, {"type": "text", "text": "B."}]}]}
+                                      {"type": "text", "text": "Left turn. The answer is B."}]}]}
 
 
 def test_record_views():
@@ -23,6 +23,7 @@ def test_record_views():
     assert direct["messages"][-1]["content"] == [{"type": "text", "text": "The answer is B."}]
     obs = learning.present([RECORD], "observations")[0]["messages"][-1]["content"]
     assert [item.get("observation", False) for item in obs] == [False, False, True, False]
+    assert [item.get("text") for item in obs[2:]] == ["Left turn.", " The answer is B."]  # the answer is not observed
     assert "observation" not in RECORD["messages"][-1]["content"][2]  # the original is left alone
     with pytest.raises(ValueError, match="records: 'images_only'"):
         learning.present([RECORD], "images_only")
