@@ -196,6 +196,19 @@ def test_vision_features_project_to_the_image_embeddings(pair_model, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_heat_map_grid_is_the_familys_own_token_layout(pair_model, family):
+    from vlatent.decoders.inspect import image_patch_features, inspect_latents
+
+    model = pair_model(family, "mirage")
+    patches = image_patch_features(model, IMAGES[0])
+    rows, cols = patches.grid
+    assert patches.features.shape == (rows * cols, model.backbone.hidden_size) and rows > 1 and cols > 1
+    view = inspect_latents(model, patches.features[:2], patches)  # a latent equal to a patch peaks on that patch
+    assert view.overlays and len(view.overlays) == 2 and view.similarity.shape == (2, rows, cols)
+    assert torch.isclose(view.similarity[1].flatten()[1], view.similarity[1].max())  # patch 1 is where latent 1 peaks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_labels_cover_the_assistant_turns_only(pair_model, records, family):
     model = pair_model(family, "mirage")
     fmt = backbone_for_processor(model.processor).chat_format

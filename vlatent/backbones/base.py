@@ -117,6 +117,14 @@ class Backbone(nn.Module):
         image tokens, one ``(n_image_tokens, hidden)`` tensor per injected layer (none here)."""
         return self.encode_images(pixel_values, image_grid_thw), ()
 
+    def token_grid(self, image_grid_thw: torch.Tensor, n_tokens: int) -> tuple[int, int]:
+        """(rows, cols): how the first ``rows * cols`` of one image's ``n_tokens`` LM tokens tile the picture, in
+        raster order (heat maps over the image). Default: a square of all of them (Gemma 3's pooled tokens)."""
+        side = int(n_tokens**0.5)
+        if side * side != n_tokens:
+            raise ValueError(f"{self.family}: {n_tokens} image tokens do not form a square grid")
+        return side, side
+
     # -- the vision encoder's own feature space (Latent Sketchpad's latents live there) -----------------
     @property
     def vision_feature_size(self) -> int:

@@ -58,6 +58,10 @@ class LlavaOnevisionBackbone(Backbone):
                                               vision_aspect_ratio=self.config.vision_aspect_ratio)
         return packed  # per image: (base patches [+ unpadded crop patches with a newline per row] + 1, hidden)
 
+    def token_grid(self, image_grid_thw, n_tokens):
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        return side, side  # the base view's patches come first; the AnyRes crops (and newlines) follow
+
     def vision_features(self, pixel_values, image_grid_thw):
         first = torch.cumsum(image_grid_thw[:, 0], 0) - image_grid_thw[:, 0]  # each image's base view
         return list(self._patch_features(pixel_values[first]))  # per image: (patches, vision_hidden)

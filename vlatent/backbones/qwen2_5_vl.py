@@ -32,6 +32,11 @@ class Qwen2_5_VLBackbone(Backbone):
         out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return list(out.pooler_output)  # per image: (grid_h/2 * grid_w/2, hidden), raster order
 
+    def token_grid(self, image_grid_thw, n_tokens):
+        _, h, w = image_grid_thw.tolist()  # patches; each LM token merges an m x m block of them
+        m = self.config.vision_config.spatial_merge_size
+        return h // m, w // m
+
     def vision_features(self, pixel_values, image_grid_thw):
         visual = self.model.model.visual
         v = self.config.vision_config

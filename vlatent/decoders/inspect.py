@@ -12,7 +12,6 @@ Every view works for any method, because it reads only the LM-space vectors a la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -48,20 +47,9 @@ def image_patch_features(model, image: Image.Image) -> PatchFeatures:
 
     image = image.convert("RGB")
     batch = _encode(model, [[image]], [""], [""])
-    features = model.backbone.encode_images(batch["pixel_values"], batch.get("image_grid_thw"))[0].float()
-    n = features.shape[0]
-    thw = batch.get("image_grid_thw")
-    if thw is not None:  # (t, h, w) patches; each merged token covers an m x m block
-        t, h, w = thw[0].tolist()
-        m = round(math.sqrt(t * h * w / n))
-        grid = (h // m, w // m)
-    else:  # families without a grid: a square layout
-        side = round(math.sqrt(n))
-        grid = (side, n // side)
-    if grid[0] * grid[1] != n:
-        where = None if thw is None else thw.tolist()
-        raise ValueError(f"cannot lay {n} patch features out on a grid (image_grid_thw={where})")
-    return PatchFeatures(features.cpu(), grid, image)
+    features = model.backbone.encode_images(batch["pixel_values"], batch["image_grid_thw"])[0].float()
+    grid = model.backbone.token_grid(batch["image_grid_thw"][0], features.shape[0])  # the family's own layout
+    return PatchFeatures(features[:grid[0] * grid[1]].cpu(), grid, image)
 
 
 def patch_similarity(latents: torch.Tensor, patches: PatchFeatures) -> torch.Tensor:
