@@ -224,7 +224,9 @@ def write_report(path: Path, results: list[dict], args, budget: dict, chances: d
     lines = ["# Learning benchmark", "",
              f"`python bench/learning.py --budget {args.budget}` ({budget['device_note']}, "
              f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, "
-             f"tiny Qwen2.5-VL trained from scratch, vision tower included). Wall time {wall_s / 60:.1f} min.", "",
+             f"tiny Qwen2.5-VL trained from scratch, vision tower included). Compute: "
+             f"{sum(r.get('total_s', 0) for r in results) / 60:.1f} job-minutes (jobs run {args.jobs} at a time; "
+             f"this invocation took {wall_s / 60:.1f} min, reusing finished jobs).", "",
              "Test accuracy, mean ± std over seeds. Chance: uniform over the answers that occur / always the most "
              "frequent answer.", "",
              "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
