@@ -70,9 +70,9 @@ def test_mirage_latents_are_fed_back_hidden_states(mirage_model):
     """Mirage's next latent is the previous position's final hidden state: the first latent equals the prompt's
     last hidden state."""
     g = mirage_model.generate([IMAGES[0]], ["Look."], max_new_tokens=3, prefix="<|latent_start|>")[0]
-    from vlatent.generation import _encode
+    from vlatent.generation import encode_prompts
 
-    batch = _encode(mirage_model, [[IMAGES[0]]], ["Look."], ["<|latent_start|>"])
+    batch = encode_prompts(mirage_model, [[IMAGES[0]]], ["Look."], ["<|latent_start|>"])
     with torch.no_grad():
         h = mirage_model.run_language_model(mirage_model.embed_inputs(batch), batch).last_hidden_state[0, -1]
     torch.testing.assert_close(g.segments[0].latents[0], h, atol=1e-5, rtol=1e-4)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
-from vlatent.generation import Generation, TextSegment, _normalize
+from vlatent.generation import Generation, TextSegment, normalize_inputs
 from vlatent.methods import Mirage, register_method
 from vlatent.model import LatentVLM
 from vlatent.testing import tiny_image
@@ -141,7 +141,7 @@ def test_rollouts_score_each_latent_with_the_state_that_produced_it(switching_mo
     """Rows enter latent segments at different steps; the teacher-forced forward over (prompt + completion, sampled
     latents in the slots) must give back the mean each latent was sampled around: mu(h_q), q = the slot before."""
     model, sigma = switching_model, 0.05
-    images, prompts, prefixes = _normalize([tiny_image(0), tiny_image(1), None], PROMPTS, PREFIXES)
+    images, prompts, prefixes = normalize_inputs([tiny_image(0), tiny_image(1), None], PROMPTS, PREFIXES)
     gens = model.generate(images, prompts, max_new_tokens=30, prefix=prefixes, latent_sigma=sigma,
                           generator=torch.Generator().manual_seed(0))  # greedy text, sampled latents
     assert sum(len(g.latent_segments) for g in gens) >= 3

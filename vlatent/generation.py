@@ -66,8 +66,8 @@ def _as_image(x, where: str) -> Image.Image:
     raise ValueError(f"{where} must be a PIL.Image or an image path, got {type(x).__name__}")
 
 
-def _normalize(images, prompts, prefix):
-    """-> (per-row image lists, prompts, per-row prefixes), checking types and counts."""
+def normalize_inputs(images, prompts, prefix):
+    """-> (per-row image lists, prompts, per-row prefixes), checking types and counts (VLPO's rollouts too)."""
     if isinstance(prompts, str):
         prompts, images = [prompts], [images]
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
@@ -87,8 +87,9 @@ def _normalize(images, prompts, prefix):
     return rows, list(prompts), prefixes
 
 
-def _encode(model, images, prompts, prefixes):
-    """Render, tokenise and left-pad the prompts into one batch."""
+def encode_prompts(model, images, prompts, prefixes):
+    """Render, tokenise and left-pad the prompts into one batch (the one processor call: VLPO and the demo's heat
+    maps reuse it, so their features match generation's)."""
     from .data.chat import encode_chat, render_prompt
 
     proc, pad_id = model.processor, model.tokenizer.pad_token_id
@@ -153,7 +154,7 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
         raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if not latent_sigma >= 0:
         raise ValueError(f"latent_sigma must be >= 0, got {latent_sigma}")
-    images, prompts, prefixes = _normalize(images, prompts, prefix)
+    images, prompts, prefixes = normalize_inputs(images, prompts, prefix)
 
     backbone, method, tok = model.backbone, model.method, model.tokenizer
     cfg = method.config
@@ -170,7 +171,7 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
             raise ValueError("allow_latents=False, but a prefix starts a latent segment")
         banned.append(start_id)
 
-    batch = _encode(model, images, prompts, prefixes)
+    batch = encode_prompts(model, images, prompts, prefixes)
     ids, attn = batch["input_ids"], batch["attention_mask"]
     n, device = ids.shape[0], ids.device
     positions = backbone.position_ids(ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attn)  # (3, n, L)

@@ -43,10 +43,10 @@ class LatentInspection:
 @torch.no_grad()
 def image_patch_features(model, image: Image.Image) -> PatchFeatures:
     """Run ``image`` through the model's processor, vision tower and projector: (rows * cols, hidden) patch features."""
-    from ..generation import _encode  # the processor call generation itself makes, so the features are the same
+    from ..generation import encode_prompts  # the processor call generation itself makes, so the features are the same
 
     image = image.convert("RGB")
-    batch = _encode(model, [[image]], [""], [""])
+    batch = encode_prompts(model, [[image]], [""], [""])
     features = model.backbone.encode_images(batch["pixel_values"], batch["image_grid_thw"])[0].float()
     grid = model.backbone.token_grid(batch["image_grid_thw"][0], features.shape[0])  # the family's own layout
     return PatchFeatures(features[:grid[0] * grid[1]].cpu(), grid, image)

@@ -61,7 +61,7 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import ModelOutput
 
 from ..configs import from_dict
-from ..generation import TextSegment, _encode, _normalize
+from ..generation import TextSegment, encode_prompts, normalize_inputs
 from .rewards import get_reward, score_completions
 from .trainer import LatentTrainer
 
@@ -251,7 +251,7 @@ class Rollouts:
 def build_rollouts(model, images, prompts, prefixes, generations, advantages, ids) -> Rollouts:
     """Encode the prompts exactly as ``generate`` did and lay out each completion's steps (text tokens, latent pads,
     forced end tokens, the stop token) with the sampled latents; forced end tokens are no actions."""
-    batch = _encode(model, images, prompts, prefixes)
+    batch = encode_prompts(model, images, prompts, prefixes)
     cfg = model.method.config
     n, device = len(generations), batch["input_ids"].device
     length = max(max(len(g.token_ids) for g in generations), 1)
@@ -492,7 +492,7 @@ class VLPOTrainer(LatentTrainer):
         c, policy = self.vlpo, self.accelerator.unwrap_model(self.model).policy
         start = time.perf_counter()
         prompts, images = zip(*(record_prompt(r) for r in records))
-        images, prompts, prefixes = _normalize(list(images), list(prompts), c.prefix)
+        images, prompts, prefixes = normalize_inputs(list(images), list(prompts), c.prefix)
         ids = [r["id"] for r in records]
         policy.eval()
         try:
