@@ -70,6 +70,33 @@ def test_losses_and_their_gradients(model, depth_data):
     model.eval()
 
 
+def test_cached_fill_equals_the_multipass_unroll(model, tmp_path):
+    """Two segments per row: the KV-cached chunked fill and the gradient-checkpointing unroll give the same losses."""
+    from vlatent.testing import tiny_image
+
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for i, path in enumerate(paths):
+        tiny_image(i).save(path)
+    record = {"id": "two", "images": paths, "messages": [
+        {"role": "user", "content": [{"type": "image", "image": 0}, {"type": "text", "text": "Where?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "First"}, {"type": "latent", "image": 1},
+                                          {"type": "text", "text": " then"}, {"type": "latent", "image": 2},
+                                          {"type": "text", "text": " done."}]}]}
+    batch = model.collator()([record, {**record, "id": "two-b"}])
+    model.train()
+    try:
+        torch.manual_seed(0)
+        cached = model(batch).losses
+        model.backbone.model.gradient_checkpointing_enable()
+        torch.manual_seed(0)
+        unrolled = model(batch).losses
+    finally:
+        model.backbone.model.gradient_checkpointing_disable()
+        model.eval()
+    for name in cached:
+        torch.testing.assert_close(unrolled[name], cached[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_training_latents_are_the_ones_generation_feeds_back(model, depth_data):
     """The recurrent training pass and the KV-cached generation loop make the same K thoughts from the same prefix."""
     record = load_records(depth_data / "train.jsonl")[0]

@@ -206,18 +206,23 @@ class LatentVLM(nn.Module):
         return self.backbone(embeds, positions, mask, output_hidden_states=output_hidden_states,
                              visual=batch.get("visual_context"))
 
-    def fill_latents(self, embeds, batch, positions, mask, output_hidden_states=False):
+    def fill_latents(self, embeds, batch, positions, mask, output_hidden_states=False, next_latent=None):
         """Fill every latent slot with ``method.next_latent`` of the previous position's last hidden state,
         recurrently and exactly (each latent sees the ones before it), and run the decoder over the result.
 
         With the KV cache the sequence runs once, in chunks that end where a slot begins: about one forward.
         Gradient checkpointing drops the cache, so then pass j recomputes each row up to its j-th slot instead.
-        ``mask``: the 2-D padding mask or an additive ``(batch, 1, seq, seq)`` mask. Returns
+        ``mask``: the 2-D padding mask or an additive ``(batch, 1, seq, seq)`` mask. ``next_latent``: a method's own
+        ``(hidden (n, H), batch rows (n,), slot positions (n,)) -> latents (n, H)`` when a latent needs more than
+        the hidden state (CoCoVa's earlier thoughts); it is called in slot order within each row. Returns
         ``(filled embeds, BackboneOutput over them, (batch index, position) of the slots)``.
         """
         b, t = self.latent_slots(batch)
+        if next_latent is None:
+            next_latent = lambda hidden, rows, slots: self.method.next_latent(hidden)  # noqa: E731
         if any(getattr(m, "gradient_checkpointing", False) for m in self.backbone.model.modules()):
-            return self._fill_latents_multipass(embeds, batch, positions, mask, output_hidden_states, b, t)
+            return self._fill_latents_multipass(embeds, batch, positions, mask, output_hidden_states, b, t,
+                                                next_latent)
         from transformers import DynamicCache
 
         length = embeds.shape[1]
@@ -233,8 +238,9 @@ class LatentVLM(nn.Module):
         for start, end in zip(bounds, bounds[1:]):
             if start > 0:  # the slots at ``start`` take the state that precedes them (called even with none: ZeRO-3)
                 rows = b[t == start]
-                z = self.method.next_latent(outs[-1].last_hidden_state[rows, -1]).to(embeds.dtype)
-                embeds = embeds.index_put((rows, torch.full_like(rows, start)), z)
+                slots = torch.full_like(rows, start)
+                z = next_latent(outs[-1].last_hidden_state[rows, -1], rows, slots).to(embeds.dtype)
+                embeds = embeds.index_put((rows, slots), z)
             m = mask[:, :end] if mask.dim() == 2 else mask[:, :, start:end, :end]
             outs.append(self.backbone(embeds[:, start:end], positions[..., start:end], m, past_key_values=cache,
                                       use_cache=True, output_hidden_states=output_hidden_states,
@@ -244,7 +250,7 @@ class LatentVLM(nn.Module):
             out.hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(o.hidden_states for o in outs)))
         return embeds, out, (b, t)
 
-    def _fill_latents_multipass(self, embeds, batch, positions, mask, output_hidden_states, b, t):
+    def _fill_latents_multipass(self, embeds, batch, positions, mask, output_hidden_states, b, t, next_latent):
         is_slot = torch.zeros_like(batch["input_ids"])
         is_slot[b, t] = 1
         ordinal = (is_slot.cumsum(1) - 1)[b, t]  # pass j fills every row's j-th slot
@@ -257,7 +263,7 @@ class LatentVLM(nn.Module):
                                    visual=batch.get("visual_context")).last_hidden_state
             # also with no slot in this pass: the (empty) write keeps the pass in the graph, so every rank runs its
             # backward too (ZeRO-3 gathers parameters in backward as well: see ``uniform_compute``)
-            embeds = embeds.index_put((bj, tj), self.method.next_latent(hidden[bj, tj - 1]).to(embeds.dtype))
+            embeds = embeds.index_put((bj, tj), next_latent(hidden[bj, tj - 1], bj, tj).to(embeds.dtype))
         out = self.backbone(embeds, positions, mask, output_hidden_states=output_hidden_states,
                             visual=batch.get("visual_context"))
         return embeds, out, (b, t)

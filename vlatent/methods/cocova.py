@@ -208,35 +208,31 @@ class Cocova(LatentMethod):
 
     def training_losses(self, model, batch):
         c = self.config
-        b, t = model.latent_slots(batch)
         embeds = model.embed_inputs(batch)
-        positions = model.position_ids(batch)
         visual, visual_mask = visual_tokens(embeds, batch["input_ids"], model.backbone.image_token_id)
-        is_slot = torch.zeros_like(batch["input_ids"])
-        is_slot[b, t] = 1
-        ordinal = (is_slot.cumsum(1) - 1)[b, t]  # slot's index among its row's slots
-        step = (t - _segment_starts(batch["input_ids"], c.latent_start_id)[b, t] - 1)  # index within its segment
-        latents: list[torch.Tensor | None] = [None] * b.numel()
-        thoughts: list[torch.Tensor | None] = [None] * b.numel()
-        for j in range(model.max_over_ranks(int(ordinal.max()) + 1 if b.numel() else 0)):
-            pick = (ordinal == j).nonzero().flatten().tolist()
-            bj, tj = b[pick], t[pick]
-            upto = int(tj.max()) if pick else 1
-            hidden = model.run_language_model(embeds[:, :upto], batch, positions=positions[..., :upto],
-                                              upto=upto).last_hidden_state
-            previous = [[latents[i - s][None] for s in range(int(step[i]), 0, -1)] for i in pick]  # same segment
+        starts = _segment_starts(batch["input_ids"], c.latent_start_id)
+        latents, thoughts = {}, {}  # (row, position) -> this slot's latent (H,) / thought (d,)
+
+        def next_latent(hidden, rows, slots):
+            # earlier latents of the same segment, oldest first: the LQ-Former's "previous thoughts"
+            previous = [[latents[(r, p)][None] for p in range(int(starts[r, s]) + 1, s)]
+                        for r, s in zip(rows.tolist(), slots.tolist())]
             previous, previous_mask = pad_context(previous, hidden.shape[-1], hidden)
-            out = self.lq_former(hidden[bj, tj - 1], visual[bj], visual_mask[bj], previous, previous_mask)
-            embeds = embeds.index_put((bj, tj), out.latents.to(embeds.dtype))
-            for n, i in enumerate(pick):
-                latents[i], thoughts[i] = out.latents[n], out.thoughts[n]
-        hidden = model.run_language_model(embeds, batch, positions=positions).last_hidden_state
+            out = self.lq_former(hidden, visual[rows], visual_mask[rows], previous, previous_mask)
+            for n, key in enumerate(zip(rows.tolist(), slots.tolist())):
+                latents[key], thoughts[key] = out.latents[n], out.thoughts[n]
+            return out.latents
+
+        _, out, (b, t) = model.fill_latents(embeds, batch, model.position_ids(batch), batch["attention_mask"],
+                                            next_latent=next_latent)
+        hidden = out.last_hidden_state
         losses = {"ce": model.lm_loss(hidden, batch["labels"])}
         if not b.numel():  # no segment in the batch: keep the modules in the graph at weight 0
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             return {**losses, "contrastive": zero, "diffusion": zero}
         k = c.num_latent_tokens
-        segments = torch.stack(thoughts).view(-1, k, c.lq_hidden_size)  # (S, K, d): slots come segment by segment
+        segments = torch.stack([thoughts[key] for key in zip(b.tolist(), t.tolist())])
+        segments = segments.view(-1, k, c.lq_hidden_size)  # (S, K, d): slots come segment by segment
         losses["contrastive"] = self._contrastive(model, batch, segments, b.view(-1, k)[:, 0], t.view(-1, k)[:, -1])
         losses["diffusion"] = self._diffusion(batch, segments)
         return losses
