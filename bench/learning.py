@@ -19,8 +19,8 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -35,20 +35,21 @@ TASKS = {  # builder arguments: fixed question type and size per task
 }
 BUDGETS = {
     # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10)
-    "small": {"n": 400, "examples": 1600, "batch": 8, "backbone": {}, "device_note": "2 CPU cores"},
+    "small": {"n": 2000, "examples": 1600, "batch": 8, "backbone": {}, "device_note": "2 CPU cores"},
     "full": {"n": 20000, "examples": 128000, "batch": 32,
              "backbone": {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 2048,
                           "num_attention_heads": 8, "num_key_value_heads": 2}, "device_note": "one GPU"},
 }
 INTERVENTIONS = ("zero", "swap", "noise")
 STAGE_KEYS = ("method", "method_config", "share", "from", "teacher")  # the rest of a stage goes to its SFT recipe
+TASK_COST = {"maze": 4}  # relative job time (a 5x5 maze record traces ~6 latent steps), for scheduling
 
 
-def load_arm(name: str) -> dict:
-    path = ARMS_DIR / f"{name}.yaml"
+def load_arm(name: str, arms_dir: Path = ARMS_DIR) -> dict:
+    path = Path(arms_dir) / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in ARMS_DIR.glob("*.yaml"))
-        raise SystemExit(f"error: no arm {name!r} in {ARMS_DIR} (known: {', '.join(known)})")
+        known = sorted(p.stem for p in Path(arms_dir).glob("*.yaml"))
+        raise SystemExit(f"error: no arm {name!r} in {arms_dir} (known: {', '.join(known)})")
     arm = yaml.safe_load(path.read_text())
     for key in ("tasks", "records", "stages", "learning_rates", "eval"):
         if key not in arm:
@@ -152,16 +153,19 @@ def run_job(job: dict) -> dict:
     train_s = time.time() - t0
 
     model = LatentVLM.from_pretrained(outputs[-1]).eval()
-    settings = dict(latent=arm["eval"]["latent"], max_new_tokens=arm["eval"]["max_new_tokens"])
-    split = job["split"]
-    scores = evaluate(model, job["task"], job["data"], out / f"eval_{split}", split=split, batch_size=16,
-                      progress=False, **settings)
-    result = {"name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"], "split": split,
-              "accuracy": scores["overall"], "examples_seen": seen, "train_s": train_s,
-              "total_s": time.time() - t0, "history": history, "interventions": {}}
-    if model.method.uses_latents and split == "test":
+    max_new_tokens = arm["eval"]["max_new_tokens"]
+    if isinstance(max_new_tokens, dict):  # per task, e.g. {default: 96, maze: 192}
+        max_new_tokens = max_new_tokens.get(job["task"], max_new_tokens["default"])
+    settings = dict(latent=arm["eval"]["latent"], max_new_tokens=max_new_tokens)
+    result = {"name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"], "examples_seen": seen,
+              "train_s": train_s, "history": history, "interventions": {}, "stages": outputs}
+    for split in job["splits"]:  # "val" too for a tuning trial: the same trained model, scored on both
+        scores = evaluate(model, job["task"], job["data"], out / f"eval_{split}", split=split, batch_size=16,
+                          progress=False, **settings)
+        result["accuracy" if split == "test" else f"{split}_accuracy"] = scores["overall"]
+    if model.method.uses_latents:
         bench = get_benchmark(job["task"])
-        examples = [ex for ex in load_examples(bench, job["data"], split) if ex.error is None]
+        examples = [ex for ex in load_examples(bench, job["data"], "test") if ex.error is None]
         images, prompts = [ex.open_images() for ex in examples], [ex.prompt for ex in examples]
         prefix = model.method.config.latent_start_token if settings["latent"] == "on" else None
         kwargs = dict(max_new_tokens=settings["max_new_tokens"], prefix=prefix)
@@ -180,11 +184,55 @@ def run_job(job: dict) -> dict:
                 correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[a:b], runs))
                 changed += sum(r.changed for r in runs)
             result["interventions"][mode] = {"accuracy": correct / len(examples), "changed": changed / len(examples)}
+    result["total_s"] = time.time() - t0
     return result
 
 
+def run_sketches(job: dict) -> dict:
+    """Sketchpad's pictures: train the arm's sketch decoder for its final model's ViT (the arm's ``figure.decoder``
+    command), then draw 8 test examples' generated sketches beside their true helper images."""
+    from PIL import Image, ImageDraw
+
+    from eval.benchmarks import get_benchmark, load_examples
+    from vlatent.data import load_records
+    from vlatent.decoders import load_decoder
+    from vlatent.model import LatentVLM
+
+    out, data, spec = Path(job["out"]), Path(job["data"]), job["figure"]
+    decoder_dir = out / "decoder"
+    cmd = [str(x).format(data=data, model=job["model"], out=decoder_dir) for x in spec["decoder"]]
+    subprocess.run([sys.executable, *cmd, "--overwrite"], check=True, cwd=ROOT)
+    decoder, model = load_decoder(decoder_dir), LatentVLM.from_pretrained(job["model"]).eval()
+    n, steps, size = spec.get("examples", 8), spec.get("steps", 3), decoder.config.image_size
+    examples = [ex for ex in load_examples(get_benchmark(job["task"]), data, "test") if ex.error is None][:n]
+    records = {r["id"]: r for r in load_records(data / "test.jsonl")}
+    gens = model.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples],
+                          max_new_tokens=job["max_new_tokens"])
+    label_h = 14
+    sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples) * (size + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(["input"] + [f"{w} {i + 1}" for i in range(steps) for w in ("true", "drawn")]):
+        draw.text((c * (size + 4) + 2, 1), name, fill="black")
+    for row, (ex, gen) in enumerate(zip(examples, gens)):
+        record = records[ex.id]
+        true = [item["image"] for item in record["messages"][-1]["content"] if item["type"] == "latent"]
+        drawn = decoder.render(gen.latent_segments[:steps]) if gen.latent_segments else []
+        cells = [Image.open(record["images"][0])] + [
+            im for i in range(steps) for im in (Image.open(record["images"][true[i]]) if i < len(true) else None,
+                                                 drawn[i] if i < len(drawn) else None)]
+        for c, im in enumerate(cells):
+            if im is not None:
+                sheet.paste(im.convert("RGB").resize((size, size)), (c * (size + 4), label_h + row * (size + 4)))
+    sheet.save(job["figure_out"])
+    recon = Path(job["figure_out"]).with_name(Path(job["figure_out"]).stem + "_reconstructions.png")
+    recon.write_bytes((decoder_dir / "reconstructions.png").read_bytes())
+    return {"kind": "sketches", "name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"],
+            "metrics": json.loads((decoder_dir / "metrics.json").read_text()), "sketches": job["figure_out"],
+            "reconstructions": str(recon), "segments": [len(g.latent_segments) for g in gens]}
+
+
 # -- the whole benchmark ---------------------------------------------------------------------------------------------
-def launch(job: dict, jobs_root: Path) -> dict:
+def launch(job: dict) -> dict:
     """Run one job in its own process (isolated memory, one thread) unless its result is already on disk."""
     out = Path(job["out"])
     done = out / "result.json"
@@ -197,9 +245,43 @@ def launch(job: dict, jobs_root: Path) -> dict:
         code = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT).returncode
     if code or not done.is_file():
-        return {"name": job["name"], "task": job["task"], "seed": job["seed"], "split": job["split"],
+        return {**{k: job.get(k) for k in ("kind", "name", "task", "seed", "lr")},
                 "error": f"job failed (exit {code}): see {out / 'log.txt'}"}
     return json.loads(done.read_text())
+
+
+def run_all(jobs: list[dict], workers: int, then) -> list[dict]:
+    """Run jobs ``workers`` at a time, the costliest waiting one first; ``then(result)`` returns the jobs a finished
+    one unlocks (a tuned pair's other seeds), which join the queue."""
+    pending, results, running = list(jobs), [], 0
+    cond = threading.Condition()
+
+    def worker():
+        nonlocal running
+        while True:
+            with cond:
+                while not pending and running:
+                    cond.wait()
+                if not pending:
+                    return
+                pending.sort(key=lambda j: j["cost"])
+                job, running = pending.pop(), running + 1
+            result, more = launch(job), []
+            try:
+                more = then(result)
+            finally:
+                with cond:
+                    results.append(result)
+                    pending.extend(more)
+                    running -= 1
+                    cond.notify_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def chance(data: Path) -> tuple[float, float]:
@@ -216,17 +298,18 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def write_report(path: Path, results: list[dict], args, budget: dict, chances: dict, tuned: dict,
-                 wall_s: float) -> None:
-    ok = [r for r in results if "error" not in r and r["split"] == "test"]
+def write_report(path: Path, results: list[dict], trials: dict, args, budget: dict, chances: dict,
+                 sketches: dict | None, wall_s: float) -> None:
+    ok = [r for r in results if "error" not in r]
     arms = list(dict.fromkeys(r["name"] for r in results))
     tasks = list(dict.fromkeys(r["task"] for r in results))
     lines = ["# Learning benchmark", "",
              f"`python bench/learning.py --budget {args.budget}` ({budget['device_note']}, "
              f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, "
              f"tiny Qwen2.5-VL trained from scratch, vision tower included). Compute: "
-             f"{sum(r.get('total_s', 0) for r in results) / 60:.1f} job-minutes (jobs run {args.jobs} at a time; "
-             f"this invocation took {wall_s / 60:.1f} min, reusing finished jobs).", "",
+             f"{sum(r.get('total_s', 0) for rs in [results, *trials.values()] for r in rs) / 60:.1f} job-minutes "
+             f"incl. the learning-rate trials (jobs run {args.jobs} at a time; this invocation took "
+             f"{wall_s / 60:.1f} min, reusing finished jobs).", "",
              "Test accuracy, mean ± std over seeds. Chance: uniform over the answers that occur / always the most "
              "frequent answer.", "",
              "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
@@ -250,15 +333,31 @@ def write_report(path: Path, results: list[dict], args, budget: dict, chances: d
             chg = "/".join(f"{statistics.mean(r['interventions'][m]['changed'] for r in rs):.2f}" for m in INTERVENTIONS)
             lines.append(f"| {arm} | {t} | {mean_std([r['accuracy'] for r in rs])} | {cell['zero']} | {cell['swap']} "
                          f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} |")
-    lines += ["", "## Cost and settings", "", "| arm | task | examples seen | train s (mean) | learning rate |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Cost and settings", "",
+              "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split kept (ties: the "
+              "first listed); the other seeds at that rate.", "",
+              "| arm | task | examples seen | train s (mean) | learning rate | val accuracy per rate (seed 0) |",
+              "|---|---|---|---|---|---|"]
     for arm in arms:
         for t in tasks:
             rs = [r for r in ok if r["name"] == arm and r["task"] == t]
             if rs:
-                lr = f"{rs[0]['lr']:g}" + (" (tuned on val)" if (arm, t) in tuned else " (first of the grid)")
+                val = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in
+                                sorted(trials.get((arm, t), []), key=lambda r: -r["lr"]) if "val_accuracy" in r)
                 lines.append(f"| {arm} | {t} | {rs[0]['examples_seen']} | {statistics.mean(r['train_s'] for r in rs):.0f}"
-                             f" | {lr} |")
+                             f" | {rs[0]['lr']:g} | {val or 'not tuned'} |")
+    if sketches and "error" not in sketches:
+        m = sketches["metrics"]
+        lines += ["", f"## {sketches['name']}'s sketches ({sketches['task']}, seed {sketches['seed']})", "",
+                  f"A sketch decoder trained for the arm's final ViT on {m['train_images']} training helper images; "
+                  f"{m['held_out_images']} held-out ones decoded from their ViT features: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in m["decoded_from_features"].items())
+                  + " (VAE round trip, the bound: " + ", ".join(f"{k} {v:.3f}" for k, v in m["vae_round_trip"].items())
+                  + ").",
+                  "Test examples: the input, then per latent step the true helper image and the sketch the model drew "
+                  f"(latent segments generated per example: {sketches['segments']}).", "",
+                  f"![sketches]({Path(sketches['sketches']).name})", "",
+                  f"![decoder reconstructions]({Path(sketches['reconstructions']).name})"]
     lines += ["", "## Reading", ""] + reading(ok, arms, tasks, chances, budget)
     failed = [r for r in results if "error" in r]
     if failed:
@@ -283,15 +382,24 @@ def reading(ok: list[dict], arms: list[str], tasks: list[str], chances: dict, bu
             out.append(f"- {arm} on {t}: {mean:.3f} {verdict} always answering the most frequent answer ({majority:.2f}).")
         for arm in arms:
             rs = [r for r in ok if r["name"] == arm and r["task"] == t and r["interventions"]]
-            if rs:
-                moved = max(abs(statistics.mean(r["interventions"][m]["accuracy"] for r in rs)
-                                - statistics.mean(r["accuracy"] for r in rs)) for m in INTERVENTIONS)
-                if moved < 0.02:
-                    out.append(f"- {arm} on {t}: accuracy does not move when its latents are zeroed, swapped or "
-                               "noised: it is not reasoning through its latents.")
-    out.append(f"- Settings tried: {budget['examples']} examples seen per arm, batch {budget['batch']}, the arms' "
-               "first learning rate unless the table says tuned, cosine schedule, the tiny backbone of "
-               "`vlatent.testing` (hidden 64, 2 layers, random init) trained whole.")
+            if not rs:
+                continue
+            rate = statistics.mean(r["latent_rate"] for r in rs)
+            moved = max(abs(statistics.mean(r["interventions"][m]["accuracy"] for r in rs)
+                            - statistics.mean(r["accuracy"] for r in rs)) for m in INTERVENTIONS)
+            if rate < 0.5:
+                out.append(f"- {arm} on {t}: reasons in latents in only {rate:.0%} of its answers: the intervention "
+                           "says little.")
+            elif moved < 0.02:
+                out.append(f"- {arm} on {t}: accuracy does not move when its latents are zeroed, swapped or noised: "
+                           "it is not reasoning through its latents.")
+            else:
+                out.append(f"- {arm} on {t}: replacing its latents moves accuracy by up to {moved:.3f}: the answers "
+                           "depend on them.")
+    out.append(f"- Settings tried: {budget['examples']} examples seen per arm, batch {budget['batch']}, "
+               f"{budget['n']} examples built per task (80% train), the learning rates of the cost table, cosine "
+               "schedule, the tiny backbone of `vlatent.testing` (hidden 64, 2 layers, random init"
+               + (f", {budget['backbone']}" if budget["backbone"] else "") + ") trained whole.")
     return out
 
 
@@ -301,7 +409,7 @@ def plot_curves(path: Path, results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in results if "error" not in r and r["split"] == "test"]
+    ok = [r for r in results if "error" not in r]
     tasks = list(dict.fromkeys(r["task"] for r in ok))
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.4), dpi=110, squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -324,13 +432,20 @@ def plot_curves(path: Path, results: list[dict]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", choices=list(BUDGETS), default="small")
-    ap.add_argument("--arms", default=",".join(sorted(p.stem for p in ARMS_DIR.glob("*.yaml"))))
+    ap.add_argument("--arms-dir", default=str(ARMS_DIR), help="folder of arm YAMLs (default: %(default)s)")
+    ap.add_argument("--arms", help="comma-separated arm names (default: every YAML in --arms-dir)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
-    ap.add_argument("--tune", action="store_true", help="pick each arm's learning rate on the val split (seed 0)")
+    ap.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
+                    help="train seed 0 at every learning rate of the arm's grid and keep the best on the val split "
+                         "(default); --no-tune: the grid's first rate")
     ap.add_argument("--jobs", type=int, default=2, help="jobs run at the same time (one process each)")
-    ap.add_argument("--examples", type=int, help="override the budget's training examples per arm (smoke runs)")
-    ap.add_argument("--n", type=int, help="override the budget's examples built per task (smoke runs)")
+    ap.add_argument("--examples", type=int, help="override the budget's training examples per arm")
+    ap.add_argument("--n", type=int, help="override the budget's examples built per task")
+    ap.add_argument("--learning-rates", type=lambda s: [float(x) for x in s.split(",")],
+                    help="override every arm's grid, e.g. 1e-3 (diagnostic runs)")
+    ap.add_argument("--backbone", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override the tiny backbone (vlatent.testing.build_tiny_base), e.g. vision_depth=4")
     ap.add_argument("--out", default=str(ROOT / "runs" / "learning"))
     ap.add_argument("--report", default=str(ROOT / "bench" / "LEARNING.md"))
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job
@@ -338,48 +453,74 @@ def main() -> int:
     if args.job:
         job = json.loads(args.job)
         sys.path.insert(0, str(ROOT))
-        result = run_job(job)
+        result = run_sketches(job) if job.get("kind") == "sketches" else run_job(job)
         (Path(job["out"]) / "result.json").write_text(json.dumps(result))
         return 0
 
     from vlatent.testing import build_tiny_base
 
     t0 = time.time()
-    budget, root = dict(BUDGETS[args.budget]), Path(args.out)
+    budget, root, report = dict(BUDGETS[args.budget]), Path(args.out), Path(args.report)
     budget.update({k: v for k, v in (("examples", args.examples), ("n", args.n)) if v})
-    arms = {name: load_arm(name) for name in args.arms.split(",")}
-    tasks = [t for t in args.tasks.split(",")]
+    budget["backbone"] = {**budget["backbone"], **{k: yaml.safe_load(v) for k, v in
+                                                   (kv.split("=", 1) for kv in args.backbone)}}
+    names = args.arms.split(",") if args.arms else sorted(p.stem for p in Path(args.arms_dir).glob("*.yaml"))
+    arms = {name: load_arm(name, args.arms_dir) for name in names}
+    if args.learning_rates:
+        for arm in arms.values():
+            arm["learning_rates"] = args.learning_rates
+    tasks = args.tasks.split(",")
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise SystemExit(f"error: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     data = {t: build_task(t, root, budget["n"]) for t in tasks}
     bases = {s: str(build_tiny_base(root / "bases" / f"seed{s}", seed=s, **budget["backbone"])) for s in args.seeds}
-
-    def job(name, task, seed, lr, split):
-        tag = f"{name}/{task}/seed{seed}" + (f"/lr{lr:g}-{split}" if split != "test" else "")
-        return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "split": split,
-                "budget": budget, "data": str(data[task]), "base": bases[seed], "out": str(root / "runs" / tag)}
-
     pairs = [(name, t) for name, arm in arms.items() for t in tasks if t in arm["tasks"]]
     for name, t in pairs:
         prepare(arms[name], data[t])
-    lr, tuned = {}, {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        if args.tune:
-            trials = [job(n, t, args.seeds[0], x, "val") for n, t in pairs for x in arms[n]["learning_rates"]]
-            for r in pool.map(lambda j: launch(j, root), trials):
-                key = (r["name"], r["task"])
-                if "error" not in r and r["accuracy"] >= tuned.get(key, (-1.0, None))[0]:
-                    tuned[key] = (r["accuracy"], r["lr"])
-            lr = {k: v[1] for k, v in tuned.items()}
-        todo = [job(n, t, s, lr.get((n, t), arms[n]["learning_rates"][0]), "test") for n, t in pairs for s in args.seeds]
-        results = []
-        for r in pool.map(lambda j: launch(j, root), todo):
-            results.append(r)
-            status = r.get("error") or f"accuracy {r['accuracy']:.3f}"
-            print(f"{r['name']:>12} {r['task']:>7} seed {r['seed']}: {status}", flush=True)
-    report = Path(args.report)
-    write_report(report, results, args, budget, {t: chance(data[t]) for t in tasks}, tuned, time.time() - t0)
+    grid = {name: arm["learning_rates"] if args.tune else arm["learning_rates"][:1] for name, arm in arms.items()}
+
+    def job(name, task, seed, lr):
+        return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "budget": budget,
+                "splits": ["val", "test"] if args.tune and seed == args.seeds[0] else ["test"],
+                "data": str(data[task]), "base": bases[seed], "out": str(root / "runs" / name / task / f"seed{seed}"
+                                                                        / f"lr{lr:g}"),
+                "cost": arms[name].get("cost", 1) * TASK_COST.get(task, 1)}
+
+    trials, chosen = {}, {}
+
+    def then(result: dict) -> list[dict]:
+        status = result.get("error") or (f"accuracy {result['accuracy']:.3f}" if "accuracy" in result else "done")
+        print(f"{result['name']:>12} {result['task']:>7} seed {result['seed']} lr {result['lr']:g}: {status}",
+              flush=True)
+        key = (result["name"], result["task"])
+        if result.get("kind") == "sketches" or result["seed"] != args.seeds[0]:
+            return []
+        trials.setdefault(key, []).append(result)
+        ok = [r for r in trials[key] if "error" not in r]
+        if len(trials[key]) < len(grid[key[0]]) or not ok:
+            return []
+        lrs = grid[key[0]]  # ties go to the rate listed first
+        best = max(ok, key=lambda r: (r.get("val_accuracy", 0.0), -lrs.index(r["lr"])))
+        chosen[key] = best["lr"]
+        more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]]
+        figure = arms[key[0]].get("figure")
+        if figure and figure["task"] == key[1]:
+            max_new = arms[key[0]]["eval"]["max_new_tokens"]
+            more.append({"kind": "sketches", "name": key[0], "task": key[1], "seed": best["seed"], "lr": best["lr"],
+                         "figure": figure, "data": str(data[key[1]]), "model": best["stages"][-1],
+                         "max_new_tokens": max_new.get(key[1], max_new["default"]) if isinstance(max_new, dict)
+                         else max_new, "out": str(Path(best["stages"][-1]).parent / "sketches"),
+                         "figure_out": str(report.parent / "learning_sketches.png"), "cost": 100})
+        return more
+
+    first = [job(name, t, args.seeds[0], lr) for name, t in pairs for lr in grid[name]]
+    done = run_all(first, args.jobs, then)
+    results = [r for r in done if r.get("kind") != "sketches" and chosen.get((r["name"], r["task"])) == r["lr"]]
+    results += [r for r in done if "error" in r and (r["name"], r["task"]) not in chosen]
+    sketches = next((r for r in done if r.get("kind") == "sketches"), None)
+    write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
+                 time.time() - t0)
     plot_curves(report.parent / "learning_curves.png", results)
     print(f"report: {report}")
     return 0

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -38,13 +39,29 @@ def test_every_arm_recipe_loads():
 
 @pytest.mark.slow
 def test_one_arm_end_to_end(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms", "mirage", "--tasks", "maze", "--seeds", "0",
-           "--examples", "16", "--n", "30", "--jobs", "1", "--out", str(tmp_path / "runs"),
+    """sketchpad on maze, 2 seeds: seed 0 at both learning rates (val + test), seed 1 at the one val picked, the
+    intervention columns, and the sketch figure (its decoder trained for a few steps only)."""
+    arm = learning.load_arm("sketchpad")
+    decoder = arm["figure"]["decoder"]
+    for flag in ("--vae-steps", "--aligner-steps"):
+        decoder[decoder.index(flag) + 1] = "3"
+    arms = tmp_path / "arms"
+    arms.mkdir()
+    (arms / "sketchpad.yaml").write_text(yaml.safe_dump(arm))
+    cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms-dir", str(arms), "--tasks", "maze",
+           "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", str(tmp_path / "runs"),
            "--report", str(tmp_path / "LEARNING.md")]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
-    result = json.loads((tmp_path / "runs/runs/mirage/maze/seed0/result.json").read_text())
-    assert result["examples_seen"] == 16 and 0 <= result["accuracy"] <= 1
+    runs = tmp_path / "runs/runs/sketchpad/maze"
+    trials = [json.loads((runs / f"seed0/lr{lr:g}/result.json").read_text()) for lr in arm["learning_rates"]]
+    assert all(0 <= t["val_accuracy"] <= 1 and 0 <= t["accuracy"] <= 1 for t in trials)
+    chosen = max(trials, key=lambda t: (t["val_accuracy"], -arm["learning_rates"].index(t["lr"])))["lr"]
+    assert [p.name for p in (runs / "seed1").iterdir()] == [f"lr{chosen:g}"]
+    result = json.loads((runs / f"seed1/lr{chosen:g}/result.json").read_text())
+    assert result["examples_seen"] == 16 and "val_accuracy" not in result
     assert set(result["interventions"]) == {"zero", "swap", "noise"}
     report = (tmp_path / "LEARNING.md").read_text()
-    assert "| mirage | maze |" in report and "| chance |" in report
-    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+    assert "| sketchpad | maze |" in report and "| chance |" in report and "val accuracy per rate" in report
+    assert "sketchpad's sketches (maze, seed 0)" in report
+    for png in ("learning_curves.png", "learning_sketches.png", "learning_sketches_reconstructions.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
