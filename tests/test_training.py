@@ -191,3 +191,29 @@ def test_lora_recipe_errors_name_the_key(tmp_path, tiny_base, maze, capsys):
     model = LatentVLM.from_pretrained(tiny_base, method="text")
     with pytest.raises(ValueError, match=r"\['qkv'\] name no linear layer"):
         apply_lora(model, LoraSettings(target_modules=["qkv"]))
+
+
+def test_sft_learns_an_answer_only_the_image_gives(tmp_path, tiny_base):
+    """The same question, answer A on reddish pictures and B on bluish ones: after 40 steps the model answers held-out
+    shades right, so the vision tower -> merger -> LM path learns end to end (the learning benchmark's control)."""
+    from PIL import Image
+
+    def colour(i, red):
+        shade = (200 + 5 * i, 20 + 3 * i, 40) if red else (40, 20 + 3 * i, 200 + 5 * i)
+        return Image.new("RGB", (56, 56), shade)
+
+    records = []
+    for i in range(16):
+        path = tmp_path / f"{i}.png"
+        colour(i % 8, red=i % 2 == 0).save(path)
+        answer = "A" if i % 2 == 0 else "B"
+        records.append({"id": f"c{i}", "images": [str(path)], "answer": answer, "messages": [
+            {"role": "user", "content": [{"type": "image", "image": 0}, {"type": "text", "text": "A or B?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"The answer is {answer}."}]}]})
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert sft(["--config", tiny_recipe(tmp_path, tiny_base, train, method="text", max_steps=40)]) == 0
+    model = LatentVLM.from_pretrained(tmp_path / "out").eval()
+    held_out = [colour(i, red) for i in (8, 9) for red in (True, False)]  # shades never trained on
+    gens = model.generate(held_out, ["A or B?"] * 4, max_new_tokens=6)
+    assert [g.text for g in gens] == ["The answer is A.", "The answer is B."] * 2
