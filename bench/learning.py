@@ -42,6 +42,7 @@ BUDGETS = {
 }
 INTERVENTIONS = ("zero", "swap", "noise")
 STAGE_KEYS = ("method", "method_config", "share", "from", "teacher")  # the rest of a stage goes to its SFT recipe
+NOTES_MARK = "<!-- notes: written by hand below this line, kept when the report is rewritten -->"
 TASK_COST = {"maze": 4}  # relative job time (a 5x5 maze record traces ~6 latent steps), for scheduling
 
 
@@ -364,7 +365,9 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
         lines += ["", "## Failed jobs", ""] + [f"- {r['name']} / {r['task']} / seed {r['seed']}: {r['error']}"
                                                for r in failed]
     lines += ["", "![learning curves](learning_curves.png)", ""]
-    path.write_text("\n".join(lines))
+    old = path.read_text() if path.is_file() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else ""
+    path.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
 
 
 def reading(ok: list[dict], arms: list[str], tasks: list[str], chances: dict, budget: dict) -> list[str]:
