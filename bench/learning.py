@@ -331,22 +331,24 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
             if not rs:
                 continue
             cell = {m: mean_std([r["interventions"][m]["accuracy"] for r in rs]) for m in INTERVENTIONS}
-            chg = "/".join(f"{statistics.mean(r['interventions'][m]['changed'] for r in rs):.2f}" for m in INTERVENTIONS)
+            chg = "/".join(f"{statistics.mean(r['interventions'][m]['changed'] for r in rs):.2f}"
+                           for m in INTERVENTIONS)
             lines.append(f"| {arm} | {t} | {mean_std([r['accuracy'] for r in rs])} | {cell['zero']} | {cell['swap']} "
                          f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} |")
     lines += ["", "## Cost and settings", "",
-              "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split kept (ties: the "
-              "first listed); the other seeds at that rate.", "",
-              "| arm | task | examples seen | train s (mean) | learning rate | val accuracy per rate (seed 0) |",
-              "|---|---|---|---|---|---|"]
+              "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split kept (ties: "
+              "the first listed); the other seeds at that rate. Job s: training, evaluation and interventions.", "",
+              "| arm | task | examples seen | train s (mean) | job s (mean) | learning rate "
+              "| val accuracy per rate (seed 0) |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         for t in tasks:
             rs = [r for r in ok if r["name"] == arm and r["task"] == t]
             if rs:
                 val = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in
                                 sorted(trials.get((arm, t), []), key=lambda r: -r["lr"]) if "val_accuracy" in r)
-                lines.append(f"| {arm} | {t} | {rs[0]['examples_seen']} | {statistics.mean(r['train_s'] for r in rs):.0f}"
-                             f" | {rs[0]['lr']:g} | {val or 'not tuned'} |")
+                seconds = [statistics.mean(r[k] for r in rs) for k in ("train_s", "total_s")]
+                lines.append(f"| {arm} | {t} | {rs[0]['examples_seen']} | {seconds[0]:.0f} | {seconds[1]:.0f} "
+                             f"| {rs[0]['lr']:g} | {val or 'not tuned'} |")
     if sketches and "error" not in sketches:
         m = sketches["metrics"]
         lines += ["", f"## {sketches['name']}'s sketches ({sketches['task']}, seed {sketches['seed']})", "",
@@ -382,7 +384,8 @@ def reading(ok: list[dict], arms: list[str], tasks: list[str], chances: dict, bu
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
             mean = statistics.mean(accs)
             verdict = "beats" if mean - sd > majority + 0.02 else "does not beat"
-            out.append(f"- {arm} on {t}: {mean:.3f} {verdict} always answering the most frequent answer ({majority:.2f}).")
+            out.append(f"- {arm} on {t}: {mean:.3f} {verdict} always answering the most frequent answer "
+                       f"({majority:.2f}).")
         for arm in arms:
             rs = [r for r in ok if r["name"] == arm and r["task"] == t and r["interventions"]]
             if not rs:
