@@ -191,7 +191,7 @@ def run_job(job: dict) -> dict:
 
 def run_sketches(job: dict) -> dict:
     """Sketchpad's pictures: train the arm's sketch decoder for its final model's ViT (the arm's ``figure.decoder``
-    command), then draw 8 test examples' generated sketches beside their true helper images."""
+    command), then draw the first test examples' generated sketches beside their true helper images."""
     from PIL import Image, ImageDraw
 
     from eval.benchmarks import get_benchmark, load_examples
@@ -217,7 +217,8 @@ def run_sketches(job: dict) -> dict:
     for row, (ex, gen) in enumerate(zip(examples, gens)):
         record = records[ex.id]
         true = [item["image"] for item in record["messages"][-1]["content"] if item["type"] == "latent"]
-        drawn = decoder.render(gen.latent_segments[:steps]) if gen.latent_segments else []
+        whole = [seg for seg in gen.latent_segments if len(seg.features) == decoder.config.num_features]
+        drawn = decoder.render(whole[:steps]) if whole else []  # a segment cut short by max_new_tokens is skipped
         cells = [Image.open(record["images"][0])] + [
             im for i in range(steps) for im in (Image.open(record["images"][true[i]]) if i < len(true) else None,
                                                  drawn[i] if i < len(drawn) else None)]
