@@ -304,12 +304,14 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                  sketches: dict | None, wall_s: float) -> None:
     ok = [r for r in results if "error" not in r]
     arms = list(dict.fromkeys(r["name"] for r in results))
-    tasks = list(dict.fromkeys(r["task"] for r in results))
+    tasks = sorted({r["task"] for r in results}, key=list(TASKS).index)
+    every = [*results, *(r for rs in trials.values() for r in rs)]  # seed 0 at the chosen rate is in both
+    jobs_run = {(r["name"], r["task"], r["seed"], r["lr"]): r for r in every}.values()
     lines = ["# Learning benchmark", "",
              f"`python bench/learning.py --budget {args.budget}` ({budget['device_note']}, "
              f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, "
              f"tiny Qwen2.5-VL trained from scratch, vision tower included). Compute: "
-             f"{sum(r.get('total_s', 0) for rs in [results, *trials.values()] for r in rs) / 60:.1f} job-minutes "
+             f"{sum(r.get('total_s', 0) for r in jobs_run) / 60:.1f} job-minutes "
              f"incl. the learning-rate trials (jobs run {args.jobs} at a time; this invocation took "
              f"{wall_s / 60:.1f} min, reusing finished jobs).", "",
              "Test accuracy, mean ± std over seeds. Chance: uniform over the answers that occur / always the most "
@@ -355,8 +357,8 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
         lines += ["", f"## {sketches['name']}'s sketches ({sketches['task']}, seed {sketches['seed']})", "",
                   f"A sketch decoder trained for the arm's final ViT on {m['train_images']} training helper images; "
                   f"{m['held_out_images']} held-out ones decoded from their ViT features: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in m["decoded_from_features"].items())
-                  + " (VAE round trip, the bound: " + ", ".join(f"{k} {v:.3f}" for k, v in m["vae_round_trip"].items())
+                  + ", ".join(f"{k} {v:g}" for k, v in m["decoded_from_features"].items())
+                  + " (VAE round trip, the bound: " + ", ".join(f"{k} {v:g}" for k, v in m["vae_round_trip"].items())
                   + ").",
                   "Test examples: the input, then per latent step the true helper image and the sketch the model drew "
                   f"(latent segments generated per example: {sketches['segments']}).", "",
@@ -400,9 +402,13 @@ def reading(ok: list[dict], arms: list[str], tasks: list[str], chances: dict, bu
             elif moved < 0.02:
                 out.append(f"- {arm} on {t}: accuracy does not move when its latents are zeroed, swapped or noised: "
                            "it is not reasoning through its latents.")
-            else:
+            elif statistics.mean(r["accuracy"] for r in rs) - chances[t][1] > 0.02:
                 out.append(f"- {arm} on {t}: replacing its latents moves accuracy by up to {moved:.3f}: the answers "
                            "depend on them.")
+            else:
+                out.append(f"- {arm} on {t}: replacing its latents moves accuracy by up to {moved:.3f}, but the run "
+                           "does not beat the majority answer: the latents steer the output without carrying the "
+                           "answer.")
     out.append(f"- Settings tried: {budget['examples']} examples seen per arm, batch {budget['batch']}, "
                f"{budget['n']} examples built per task (80% train), the learning rates of the cost table, cosine "
                "schedule, the tiny backbone of `vlatent.testing` (hidden 64, 2 layers, random init"
