@@ -2,12 +2,13 @@
 backbone with the same number of examples seen, on four synthetic tasks, over several seeds; test accuracy, chance,
 and the intervention check (accuracy with the latents zeroed, swapped between examples, or replaced by noise).
 
-    python bench/learning.py --budget small                     # CPU, < 60 min on 2 cores -> bench/LEARNING.md
+    python bench/learning.py --budget small                     # CPU, ~70 min on 2 cores -> bench/LEARNING.md
     python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
     python bench/learning.py --budget small --arms text_direct,mirage --tasks maze --seeds 0 --out runs/l
 
-Each (arm, task, seed) is one job in its own process (`--jobs` at a time); a finished job leaves `result.json` in its
-folder and is not rerun, so an interrupted benchmark resumes where it stopped.
+Each (arm, task, seed, learning rate) is one job in its own process (`--jobs` at a time); a finished job leaves
+`result.json` in its folder and is not rerun while its settings, arm and budget stay the same, so an interrupted
+benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +117,14 @@ def arm_data(data: Path, how: str) -> Path:
     return path
 
 
+def eval_settings(arm: dict, task: str) -> dict:
+    """The arm's ``latent`` mode and ``max_new_tokens`` on ``task`` (a number, or per task with a ``default``)."""
+    max_new_tokens = arm["eval"]["max_new_tokens"]
+    if isinstance(max_new_tokens, dict):
+        max_new_tokens = max_new_tokens.get(task, max_new_tokens["default"])
+    return {"latent": arm["eval"]["latent"], "max_new_tokens": max_new_tokens}
+
+
 # -- one job: train the arm's stages, evaluate, intervene -----------------------------------------------------------
 def run_job(job: dict) -> dict:
     from eval.benchmarks import get_benchmark, judge, load_examples
@@ -154,10 +164,7 @@ def run_job(job: dict) -> dict:
     train_s = time.time() - t0
 
     model = LatentVLM.from_pretrained(outputs[-1]).eval()
-    max_new_tokens = arm["eval"]["max_new_tokens"]
-    if isinstance(max_new_tokens, dict):  # per task, e.g. {default: 96, maze: 192}
-        max_new_tokens = max_new_tokens.get(job["task"], max_new_tokens["default"])
-    settings = dict(latent=arm["eval"]["latent"], max_new_tokens=max_new_tokens)
+    settings = eval_settings(arm, job["task"])
     result = {"name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"], "examples_seen": seen,
               "train_s": train_s, "history": history, "interventions": {}, "stages": outputs}
     for split in job["splits"]:  # "val" too for a tuning trial: the same trained model, scored on both
@@ -207,8 +214,9 @@ def run_sketches(job: dict) -> dict:
     n, steps, size = spec.get("examples", 8), spec.get("steps", 3), decoder.config.image_size
     examples = [ex for ex in load_examples(get_benchmark(job["task"]), data, "test") if ex.error is None][:n]
     records = {r["id"]: r for r in load_records(data / "test.jsonl")}
+    prefix = model.method.config.latent_start_token if job["latent"] == "on" else None
     gens = model.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples],
-                          max_new_tokens=job["max_new_tokens"])
+                          max_new_tokens=job["max_new_tokens"], prefix=prefix)
     label_h = 14
     sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples) * (size + 4)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -234,12 +242,20 @@ def run_sketches(job: dict) -> dict:
 
 
 # -- the whole benchmark ---------------------------------------------------------------------------------------------
+def fingerprint(job: dict) -> dict:
+    """What a job's result depends on (its settings, arm and budget), kept in result.json to spot stale results."""
+    return json.loads(json.dumps({k: v for k, v in job.items() if k not in ("out", "cost")}))
+
+
 def launch(job: dict) -> dict:
     """Run one job in its own process (isolated memory, one thread) unless its result is already on disk."""
     out = Path(job["out"])
     done = out / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("job", fingerprint(job)) == fingerprint(job):
+            return result
+        shutil.rmtree(out)  # the arm or budget changed since: start the job afresh (its evaluations too)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1"}
@@ -467,7 +483,7 @@ def main() -> int:
         job = json.loads(args.job)
         sys.path.insert(0, str(ROOT))
         result = run_sketches(job) if job.get("kind") == "sketches" else run_job(job)
-        (Path(job["out"]) / "result.json").write_text(json.dumps(result))
+        (Path(job["out"]) / "result.json").write_text(json.dumps({**result, "job": fingerprint(job)}))
         return 0
 
     from vlatent.testing import build_tiny_base
@@ -519,12 +535,11 @@ def main() -> int:
         more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]]
         figure = arms[key[0]].get("figure")
         if figure and figure["task"] == key[1]:
-            max_new = arms[key[0]]["eval"]["max_new_tokens"]
             more.append({"kind": "sketches", "name": key[0], "task": key[1], "seed": best["seed"], "lr": best["lr"],
                          "figure": figure, "data": str(data[key[1]]), "model": best["stages"][-1],
-                         "max_new_tokens": max_new.get(key[1], max_new["default"]) if isinstance(max_new, dict)
-                         else max_new, "out": str(Path(best["stages"][-1]).parent / "sketches"),
-                         "figure_out": str(report.parent / "learning_sketches.png"), "cost": 100})
+                         **eval_settings(arms[key[0]], key[1]), "cost": 100,
+                         "out": str(Path(best["stages"][-1]).parent / "sketches"),
+                         "figure_out": str(report.parent / "learning_sketches.png")})
         return more
 
     first = [job(name, t, args.seeds[0], lr) for name, t in pairs for lr in grid[name]]

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,16 @@ def test_one_arm_end_to_end(tmp_path):
     assert "sketchpad's sketches (maze, seed 0)" in report
     for png in ("learning_curves.png", "learning_sketches.png", "learning_sketches_reconstructions.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
+
+    # a rerun reuses every finished job; a changed arm reruns the jobs it touches
+    stamp = (runs / "seed1" / f"lr{chosen:g}" / "result.json").stat().st_mtime
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    assert (runs / "seed1" / f"lr{chosen:g}" / "result.json").stat().st_mtime == stamp
+    arm["eval"]["max_new_tokens"] = {"default": 40, "maze": 30}
+    (arms / "sketchpad.yaml").write_text(yaml.safe_dump(arm))
+    before = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    for seed in ("seed0", "seed1"):  # seed 1: at whichever rate val picks now
+        newest = max((runs / seed).glob("lr*/result.json"), key=lambda p: p.stat().st_mtime)
+        assert newest.stat().st_mtime > before
+        assert json.loads(newest.read_text())["job"]["arm"]["eval"]["max_new_tokens"] == {"default": 40, "maze": 30}
