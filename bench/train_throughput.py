@@ -22,8 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+COCOVA = {"num_latent_tokens": 4, "lq_hidden_size": 32, "lq_heads": 4, "lq_layers": 1, "num_queries": 4,
+          "num_iterations": 2, "num_selected": 8, "contrastive_dim": 16, "recon_size": 16, "unet_channels": [16, 32],
+          "unet_norm_groups": 8, "diffusion_steps": 100}  # train/recipes/learning/cocova.yaml's small LQ-Former / UNet
 ARMS = [("text", {}), ("mirage", {"stage": 1}), ("mirage", {"stage": 2}),
-        ("monet", {"stage": 1}), ("monet", {"stage": 2}), ("monet", {"stage": 3})]
+        ("monet", {"stage": 1}), ("monet", {"stage": 2}), ("monet", {"stage": 3}), ("cocova", COCOVA)]
 
 
 def peak_rss_mb() -> float:
@@ -136,7 +139,7 @@ def main() -> None:
         rows = {}
         for method, cfg in ARMS:
             arm = json.dumps([base, data, tmp, method, cfg])
-            name = method + (f" stage {cfg['stage']}" if cfg else "")
+            name = method + (f" stage {cfg['stage']}" if "stage" in cfg else "")
             rows[name] = json.loads(run_sub([sys.executable, __file__, "--arm", arm, "--batch", str(args.batch),
                                              "--steps", str(args.steps)]))
             print(f"  {name}: {rows[name]['step_s'] * 1e3:.0f} ms/step", file=sys.stderr)
