@@ -21,10 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
-COCOVA = {"num_latent_tokens": 4, "lq_hidden_size": 32, "lq_heads": 4, "lq_layers": 1, "num_queries": 4,
-          "num_iterations": 2, "num_selected": 8, "contrastive_dim": 16, "recon_size": 16, "unet_channels": [16, 32],
-          "unet_norm_groups": 8, "diffusion_steps": 100}  # train/recipes/learning/cocova.yaml's small LQ-Former / UNet
+# CoCoVa with the learning benchmark's small LQ-Former / UNet (its arm recipe's method_config)
+COCOVA = yaml.safe_load((ROOT / "train/recipes/learning/cocova.yaml").read_text())["stages"][0]["method_config"]
 ARMS = [("text", {}), ("mirage", {"stage": 1}), ("mirage", {"stage": 2}),
         ("monet", {"stage": 1}), ("monet", {"stage": 2}), ("monet", {"stage": 3}), ("cocova", COCOVA)]
 

@@ -334,7 +334,8 @@ def answer_text(output: str) -> str:
 
 
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*([^\n]*)", re.IGNORECASE)
-_MARKUP = re.compile(r"<\|?/?[A-Za-z][\w|]*\|?>")  # a method's tokens in the text: <observation>, </observation>, <|im_end|>
+# a method's tokens in the text: <observation>, </observation>, <|im_end|>
+_MARKUP = re.compile(r"<\|?/?[A-Za-z][\w|]*\|?>")
 _EDGES = " \t\n.,;:!?\"'`*()[]{}"
 
 
