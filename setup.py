@@ -13,7 +13,7 @@ setup(
         # torch is installed first (see README); the range only checks it, never pulls another build.
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",
-        "transformers>=5.0,<6",
+        "transformers>=5.0,<5.24",  # 5.24 renames ModelOutput's past_key_values to cache
         "tokenizers>=0.21,<1",
         "timm>=1.0,<2",
         "open_clip_torch>=2.26,<4",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train/ and eval/ are folders of the repository, not installed packages
 ARMS_DIR = ROOT / "train" / "recipes" / "learning"
 TASKS = {  # builder arguments: fixed question type and size per task
     "maze": ["--size", "5", "--questions", "first_move"],
@@ -46,6 +48,8 @@ INTERVENTIONS = ("zero", "swap", "noise")
 STAGE_KEYS = ("method", "method_config", "share", "from", "teacher")  # the rest of a stage goes to its SFT recipe
 NOTES_MARK = "<!-- notes: written by hand below this line, kept when the report is rewritten -->"
 TASK_COST = {"maze": 4}  # relative job time (a 5x5 maze record traces ~6 latent steps), for scheduling
+# imported once by the server every job's process is forked from (~7 s a job otherwise)
+PRELOAD = ["__main__", "torch", "transformers", "train.sft", "eval.run", "vlatent.analysis", "vlatent.model"]
 
 
 def load_arm(name: str, arms_dir: Path = ARMS_DIR) -> dict:
@@ -127,10 +131,8 @@ def eval_settings(arm: dict, task: str) -> dict:
 
 # -- one job: train the arm's stages, evaluate, intervene -----------------------------------------------------------
 def run_job(job: dict) -> dict:
-    from eval.benchmarks import get_benchmark, judge, load_examples
     from eval.run import evaluate
     from train.sft import main as sft
-    from vlatent.analysis import intervene
     from vlatent.model import LatentVLM
 
     arm, budget, out = job["arm"], job["budget"], Path(job["out"])
@@ -171,29 +173,51 @@ def run_job(job: dict) -> dict:
         scores = evaluate(model, job["task"], job["data"], out / f"eval_{split}", split=split, batch_size=16,
                           progress=False, **settings)
         result["accuracy" if split == "test" else f"{split}_accuracy"] = scores["overall"]
-    if model.method.uses_latents:
-        bench = get_benchmark(job["task"])
-        examples = [ex for ex in load_examples(bench, job["data"], "test") if ex.error is None]
-        images, prompts = [ex.open_images() for ex in examples], [ex.prompt for ex in examples]
-        prefix = model.method.config.latent_start_token if settings["latent"] == "on" else None
-        kwargs = dict(max_new_tokens=settings["max_new_tokens"], prefix=prefix)
-        # batches of 16; a last batch of one joins the one before, since "swap" needs another example's latents
-        cuts = list(range(0, len(examples), 16)) + [len(examples)]
-        if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
-            del cuts[-2]
-        chunks = list(zip(cuts, cuts[1:]))
-        baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
-        result["latent_rate"] = sum(bool(g.latent_segments) for g in baseline) / len(baseline)
-        for mode in INTERVENTIONS:
-            correct = changed = 0
-            for a, b in chunks:
-                runs = intervene(model, images[a:b], prompts[a:b], mode, baseline=baseline[a:b], seed=job["seed"],
-                                 **kwargs)
-                correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[a:b], runs))
-                changed += sum(r.changed for r in runs)
-            result["interventions"][mode] = {"accuracy": correct / len(examples), "changed": changed / len(examples)}
+    if job["interventions"]:
+        result.update(intervention_scores(model, job["task"], job["data"], settings, job["seed"]))
     result["total_s"] = time.time() - t0
     return result
+
+
+def intervention_scores(model, task: str, data: str, settings: dict, seed: int) -> dict:
+    """Test accuracy with every latent zeroed, swapped with another example's, or replaced by same-norm noise, and
+    the share of answers whose text changed, against the unmodified run ({} for an arm without latents)."""
+    from eval.benchmarks import get_benchmark, judge, load_examples
+    from vlatent.analysis import intervene
+
+    if not model.method.uses_latents:
+        return {}
+    bench = get_benchmark(task)
+    examples = [ex for ex in load_examples(bench, data, "test") if ex.error is None]
+    images, prompts = [ex.open_images() for ex in examples], [ex.prompt for ex in examples]
+    prefix = model.method.config.latent_start_token if settings["latent"] == "on" else None
+    kwargs = dict(max_new_tokens=settings["max_new_tokens"], prefix=prefix)
+    # batches of 16; a last batch of one joins the one before, since "swap" needs another example's latents
+    cuts = list(range(0, len(examples), 16)) + [len(examples)]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+        del cuts[-2]
+    chunks = list(zip(cuts, cuts[1:]))
+    baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
+    scores = {"latent_rate": sum(bool(g.latent_segments) for g in baseline) / len(baseline), "interventions": {}}
+    for mode in INTERVENTIONS:
+        correct = changed = 0
+        for a, b in chunks:
+            runs = intervene(model, images[a:b], prompts[a:b], mode, baseline=baseline[a:b], seed=seed, **kwargs)
+            correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[a:b], runs))
+            changed += sum(r.changed for r in runs)
+        scores["interventions"][mode] = {"accuracy": correct / len(examples), "changed": changed / len(examples)}
+    return scores
+
+
+def run_interventions(job: dict) -> dict:
+    """The intervention columns for a finished tuning trial (only the learning rate val picked gets them)."""
+    from vlatent.model import LatentVLM
+
+    t0 = time.time()
+    model = LatentVLM.from_pretrained(job["model"]).eval()
+    scores = intervention_scores(model, job["task"], job["data"], eval_settings(job["arm"], job["task"]), job["seed"])
+    return {"kind": "interventions", **{k: job[k] for k in ("name", "task", "seed", "lr")}, **scores,
+            "total_s": time.time() - t0}
 
 
 def run_sketches(job: dict) -> dict:
@@ -247,8 +271,22 @@ def fingerprint(job: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in job.items() if k not in ("out", "cost")}))
 
 
-def launch(job: dict) -> dict:
-    """Run one job in its own process (isolated memory, one thread) unless its result is already on disk."""
+RUNNERS = {"train": run_job, "interventions": run_interventions, "sketches": run_sketches}
+
+
+def child(job: dict) -> None:
+    """One job's process: its output goes to its log.txt, its result to result.json."""
+    out = Path(job["out"])
+    with open(out / "log.txt", "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    result = RUNNERS[job.get("kind", "train")](job)
+    (out / "result.json").write_text(json.dumps({**result, "job": fingerprint(job)}))
+
+
+def launch(job: dict, mp) -> dict:
+    """Run one job in its own process (isolated memory, one thread), forked from ``mp``'s server that has the heavy
+    imports done, unless its result is already on disk."""
     out = Path(job["out"])
     done = out / "result.json"
     if done.is_file():
@@ -257,18 +295,17 @@ def launch(job: dict) -> dict:
             return result
         shutil.rmtree(out)  # the arm or budget changed since: start the job afresh (its evaluations too)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT),
-           "HF_HUB_OFFLINE": "1"}
-    with open(out / "log.txt", "w") as log:
-        code = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+    proc = mp.Process(target=child, args=(job,), name=job["name"])
+    proc.start()
+    proc.join()
+    code = proc.exitcode
     if code or not done.is_file():
         return {**{k: job.get(k) for k in ("kind", "name", "task", "seed", "lr")},
                 "error": f"job failed (exit {code}): see {out / 'log.txt'}"}
     return json.loads(done.read_text())
 
 
-def run_all(jobs: list[dict], workers: int, then) -> list[dict]:
+def run_all(jobs: list[dict], workers: int, then, mp) -> list[dict]:
     """Run jobs ``workers`` at a time, the costliest waiting one first; ``then(result)`` returns the jobs a finished
     one unlocks (a tuned pair's other seeds), which join the queue."""
     pending, results, running = list(jobs), [], 0
@@ -284,7 +321,7 @@ def run_all(jobs: list[dict], workers: int, then) -> list[dict]:
                     return
                 pending.sort(key=lambda j: j["cost"])
                 job, running = pending.pop(), running + 1
-            result, more = launch(job), []
+            result, more = launch(job, mp), []
             try:
                 more = then(result)
             finally:
@@ -477,14 +514,12 @@ def main() -> int:
                     help="override the tiny backbone (vlatent.testing.build_tiny_base), e.g. vision_depth=4")
     ap.add_argument("--out", default=str(ROOT / "runs" / "learning"))
     ap.add_argument("--report", default=str(ROOT / "bench" / "LEARNING.md"))
-    ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job
     args = ap.parse_args()
-    if args.job:
-        job = json.loads(args.job)
-        sys.path.insert(0, str(ROOT))
-        result = run_sketches(job) if job.get("kind") == "sketches" else run_job(job)
-        (Path(job["out"]) / "result.json").write_text(json.dumps({**result, "job": fingerprint(job)}))
-        return 0
+    # one thread per job (--jobs of them share the cores), offline: set before the job server starts
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(PRELOAD)
 
     from vlatent.testing import build_tiny_base
 
@@ -510,8 +545,9 @@ def main() -> int:
     grid = {name: arm["learning_rates"] if args.tune else arm["learning_rates"][:1] for name, arm in arms.items()}
 
     def job(name, task, seed, lr):
+        trial = args.tune and seed == args.seeds[0]  # scored on val too; interventions only once val picks it
         return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "budget": budget,
-                "splits": ["val", "test"] if args.tune and seed == args.seeds[0] else ["test"],
+                "splits": ["val", "test"] if trial else ["test"], "interventions": not trial,
                 "data": str(data[task]), "base": bases[seed], "out": str(root / "runs" / name / task / f"seed{seed}"
                                                                         / f"lr{lr:g}"),
                 "cost": arms[name].get("cost", 1) * TASK_COST.get(task, 1)}
@@ -523,7 +559,7 @@ def main() -> int:
         print(f"{result['name']:>12} {result['task']:>7} seed {result['seed']} lr {result['lr']:g}: {status}",
               flush=True)
         key = (result["name"], result["task"])
-        if result.get("kind") == "sketches" or result["seed"] != args.seeds[0]:
+        if result.get("kind") in ("sketches", "interventions") or result["seed"] != args.seeds[0]:
             return []
         trials.setdefault(key, []).append(result)
         ok = [r for r in trials[key] if "error" not in r]
@@ -533,6 +569,11 @@ def main() -> int:
         best = max(ok, key=lambda r: (r.get("val_accuracy", 0.0), -lrs.index(r["lr"])))
         chosen[key] = best["lr"]
         more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]]
+        if args.tune:
+            more.append({"kind": "interventions", **{k: best[k] for k in ("name", "task", "seed", "lr")},
+                         "arm": arms[key[0]], "data": str(data[key[1]]), "model": best["stages"][-1],
+                         "cost": arms[key[0]].get("cost", 1) * TASK_COST.get(key[1], 1) / 4,
+                         "out": str(Path(best["stages"][-1]).parent / "interventions")})
         figure = arms[key[0]].get("figure")
         if figure and figure["task"] == key[1]:
             more.append({"kind": "sketches", "name": key[0], "task": key[1], "seed": best["seed"], "lr": best["lr"],
@@ -543,9 +584,14 @@ def main() -> int:
         return more
 
     first = [job(name, t, args.seeds[0], lr) for name, t in pairs for lr in grid[name]]
-    done = run_all(first, args.jobs, then)
-    results = [r for r in done if r.get("kind") != "sketches" and chosen.get((r["name"], r["task"])) == r["lr"]]
-    results += [r for r in done if "error" in r and (r["name"], r["task"]) not in chosen]
+    done = run_all(first, args.jobs, then, mp)
+    results = [r for r in done if r.get("kind") is None and chosen.get((r["name"], r["task"])) == r["lr"]]
+    results += [r for r in done if "error" in r and ((r["name"], r["task"]) not in chosen or r.get("kind"))]
+    for extra in (r for r in done if r.get("kind") == "interventions" and "error" not in r):
+        trial = next(r for r in results if r.get("kind") is None and r["seed"] == extra["seed"]
+                     and (r["name"], r["task"], r["lr"]) == (extra["name"], extra["task"], extra["lr"]))
+        trial["total_s"] += extra["total_s"]
+        trial.update({k: extra[k] for k in ("interventions", "latent_rate") if k in extra})
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
     write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
                  time.time() - t0)

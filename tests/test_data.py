@@ -322,6 +322,7 @@ def test_max_length_error_and_skip(processor, tmp_path):
     recs = load_records(write_dataset(tmp_path, [make_record("short"), long]))
     full = InterleavedCollator(processor, latent_tokens=LT)(recs)
     n_short, n_long = full["attention_mask"].sum(1).tolist()
+    assert [InterleavedCollator(processor, latent_tokens=LT).length(r) for r in recs] == [n_short, n_long]
     limit = n_short + 1
     with pytest.raises(RecordError, match=rf"record 'long': length: {n_long} tokens > max_length={limit}"):
         InterleavedCollator(processor, latent_tokens=LT, max_length=limit)(recs)

@@ -61,6 +61,10 @@ def test_one_arm_end_to_end(tmp_path):
     result = json.loads((runs / f"seed1/lr{chosen:g}/result.json").read_text())
     assert result["examples_seen"] == 16 and "val_accuracy" not in result
     assert set(result["interventions"]) == {"zero", "swap", "noise"}
+    # seed 0's interventions: a job of their own, for the rate val picked only
+    picked = json.loads((runs / f"seed0/lr{chosen:g}/interventions/result.json").read_text())
+    assert set(picked["interventions"]) == {"zero", "swap", "noise"} and 0 <= picked["latent_rate"] <= 1
+    assert [p.parent.name for p in runs.glob("seed0/*/interventions")] == [f"lr{chosen:g}"]
     report = (tmp_path / "LEARNING.md").read_text()
     assert "| sketchpad | maze |" in report and "| chance |" in report and "val accuracy per rate" in report
     assert "sketchpad's sketches (maze, seed 0)" in report

@@ -64,7 +64,7 @@ def check_lengths(collator, records: list[dict]) -> list[dict]:
         return records
     kept = []
     for r in tqdm(records, desc="checking lengths", disable=int(os.environ.get("RANK", 0)) != 0):
-        n = len(collator.encode(r)["input_ids"])
+        n = collator.length(r)
         if n <= collator.max_length:
             kept.append(r)
         elif collator.on_overflow == "error":

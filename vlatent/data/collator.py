@@ -176,18 +176,25 @@ class InterleavedCollator:
                         raise record_error(record["id"], "", f"messages[{m}].content[{c}].text",
                                            f"contains the control token {token!r}")
 
-    def encode(self, record: dict) -> dict:
-        """One record -> unpadded ``input_ids``, ``labels``, ``mm_token_type_ids`` (lists) and its pixels."""
+    def _tokenize(self, record: dict) -> dict:
+        """The record's chat rendered and tokenised with its inline images (``encode_chat``'s output)."""
         self._check_text(record)
         item = (lambda j: self.latent_text(record, j)) if self.latent_mode == "text" else lambda j: self.latent_item
         text, order = render_chat(self.processor, record["messages"], latent_text=item,
                                   observation=self.observation_tokens)
-        images = [self._open(record, j) for j in order]
-        enc = encode_chat(self.processor, text, images, self.images_kwargs)
+        return encode_chat(self.processor, text, [self._open(record, j) for j in order], self.images_kwargs)
+
+    def length(self, record: dict) -> int:
+        """The record's token count, without the labels and latent targets ``encode`` builds too (length checks)."""
+        return len(self._tokenize(record)["input_ids"])
+
+    def encode(self, record: dict) -> dict:
+        """One record -> unpadded ``input_ids``, ``labels``, ``mm_token_type_ids`` (lists) and its pixels."""
+        enc = self._tokenize(record)
         ids = enc["input_ids"]
         row = {"id": record["id"], "input_ids": ids, "attention_mask": [1] * len(ids), "labels": self._labels(ids),
                "mm_token_type_ids": enc["mm_token_type_ids"]}
-        if images:
+        if "pixel_values" in enc:
             row["pixel_values"], row["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
         if self.observation_tokens is not None:
             row["observation_mask"] = self._observation_mask(ids)
