@@ -38,9 +38,11 @@ TASKS = {  # builder arguments: fixed question type and size per task
     "depth": [],
 }
 BUDGETS = {
-    # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10)
-    "small": {"n": 2000, "examples": 1600, "batch": 8, "backbone": {}, "device_note": "2 CPU cores"},
-    "full": {"n": 20000, "examples": 128000, "batch": 32,
+    # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10);
+    # val_examples: the first N of the val split score a tuning trial (None: all)
+    "small": {"n": 2000, "examples": 1600, "batch": 8, "val_examples": 100, "backbone": {},
+              "device_note": "2 CPU cores"},
+    "full": {"n": 20000, "examples": 128000, "batch": 32, "val_examples": None,
              "backbone": {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 2048,
                           "num_attention_heads": 8, "num_key_value_heads": 2}, "device_note": "one GPU"},
 }
@@ -171,7 +173,7 @@ def run_job(job: dict) -> dict:
               "train_s": train_s, "history": history, "interventions": {}, "stages": outputs}
     for split in job["splits"]:  # "val" too for a tuning trial: the same trained model, scored on both
         scores = evaluate(model, job["task"], job["data"], out / f"eval_{split}", split=split, batch_size=16,
-                          progress=False, **settings)
+                          limit=budget.get("val_examples") if split == "val" else None, progress=False, **settings)
         result["accuracy" if split == "test" else f"{split}_accuracy"] = scores["overall"]
     if job["interventions"]:
         result.update(intervention_scores(model, job["task"], job["data"], settings, job["seed"]))
@@ -292,7 +294,7 @@ def launch(job: dict, mp) -> dict:
     if done.is_file():
         result = json.loads(done.read_text())
         if result.get("job", fingerprint(job)) == fingerprint(job):
-            return result
+            return {**result, "reused": True}
         shutil.rmtree(out)  # the arm or budget changed since: start the job afresh (its evaluations too)
     out.mkdir(parents=True, exist_ok=True)
     proc = mp.Process(target=child, args=(job,), name=job["name"])
@@ -353,6 +355,13 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def reused(results: list[dict], trials: dict, sketches: dict | None) -> str:
+    """How many of the report's jobs came from an earlier invocation's result.json, in words."""
+    jobs = {id(r): r for r in [*results, *(r for rs in trials.values() for r in rs), *([sketches] if sketches else [])]}
+    n = sum(bool(r.get("reused")) for r in jobs.values())
+    return f"reusing {n} of {len(jobs)} finished jobs" if n else "every job run afresh"
+
+
 def write_report(path: Path, results: list[dict], trials: dict, args, budget: dict, chances: dict,
                  sketches: dict | None, wall_s: float) -> None:
     ok = [r for r in results if "error" not in r]
@@ -366,7 +375,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
              f"tiny Qwen2.5-VL trained from scratch, vision tower included). Compute: "
              f"{sum(r.get('total_s', 0) for r in jobs_run) / 60:.1f} job-minutes "
              f"incl. the learning-rate trials (jobs run {args.jobs} at a time; this invocation took "
-             f"{wall_s / 60:.1f} min, reusing finished jobs).", "",
+             f"{wall_s / 60:.1f} min wall-clock, {reused(results, trials, sketches)}).", "",
              "Test accuracy, mean ± std over seeds. Chance: uniform over the answers that occur / always the most "
              "frequent answer.", "",
              "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
@@ -392,8 +401,9 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
             lines.append(f"| {arm} | {t} | {mean_std([r['accuracy'] for r in rs])} | {cell['zero']} | {cell['swap']} "
                          f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} |")
     lines += ["", "## Cost and settings", "",
-              "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split kept (ties: "
-              "the first listed); the other seeds at that rate. Job s: training, evaluation and interventions.", "",
+              "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split "
+              f"({budget.get('val_examples') or 'all'} examples) kept (ties: the first listed); the other seeds at "
+              "that rate. Job s: training, evaluation and interventions.", "",
               "| arm | task | examples seen | train s (mean) | job s (mean) | learning rate "
               "| val accuracy per rate (seed 0) |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
