@@ -149,7 +149,9 @@ def run_job(job: dict) -> dict:
             method_config["teacher"] = outputs[stage["teacher"]]
         steps = max(1, round(stage["share"] * budget["examples"] / budget["batch"]))
         recipe = {"model": str(start), "method": stage["method"], "method_config": method_config,
-                  "data": {"train": str(train), "max_length": 2048},
+                  # no max_length: the records are built here, a few hundred tokens long, and the up-front length
+                  # pass would encode every record once more per stage (~15% of a job)
+                  "data": {"train": str(train)},
                   "training": {"output_dir": str(out / f"stage{i}"), "per_device_train_batch_size": budget["batch"],
                                "learning_rate": job["lr"], "max_steps": steps, "warmup_steps": max(1, steps // 20),
                                "lr_scheduler_type": "cosine", "logging_steps": max(1, steps // 20),
@@ -168,17 +170,27 @@ def run_job(job: dict) -> dict:
     train_s = time.time() - t0
 
     model = LatentVLM.from_pretrained(outputs[-1]).eval()
-    settings = eval_settings(arm, job["task"])
     result = {"name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"], "examples_seen": seen,
               "train_s": train_s, "history": history, "interventions": {}, "stages": outputs}
-    for split in job["splits"]:  # "val" too for a tuning trial: the same trained model, scored on both
-        scores = evaluate(model, job["task"], job["data"], out / f"eval_{split}", split=split, batch_size=16,
-                          limit=budget.get("val_examples") if split == "val" else None, progress=False, **settings)
-        result["accuracy" if split == "test" else f"{split}_accuracy"] = scores["overall"]
-    if job["interventions"]:
-        result.update(intervention_scores(model, job["task"], job["data"], settings, job["seed"]))
+    if job["split"] == "val":  # a tuning trial: only the rate val picks is scored on test (run_test)
+        scores = evaluate(model, job["task"], job["data"], out / "eval_val", split="val", batch_size=16,
+                          limit=budget.get("val_examples"), progress=False, **eval_settings(arm, job["task"]))
+        result["val_accuracy"] = scores["overall"]
+    else:
+        result.update(test_scores(model, job, out))
     result["total_s"] = time.time() - t0
     return result
+
+
+def test_scores(model, job: dict, out: Path) -> dict:
+    """Test accuracy, then the intervention columns (for an arm with latents)."""
+    from eval.run import evaluate
+
+    settings = eval_settings(job["arm"], job["task"])
+    scores = evaluate(model, job["task"], job["data"], out / "eval_test", split="test", batch_size=16,
+                      progress=False, **settings)
+    return {"accuracy": scores["overall"],
+            **intervention_scores(model, job["task"], job["data"], settings, job["seed"])}
 
 
 def intervention_scores(model, task: str, data: str, settings: dict, seed: int) -> dict:
@@ -211,14 +223,14 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     return scores
 
 
-def run_interventions(job: dict) -> dict:
-    """The intervention columns for a finished tuning trial (only the learning rate val picked gets them)."""
+def run_test(job: dict) -> dict:
+    """The test split and the interventions for the tuning trial val picked (the other rates never see test)."""
     from vlatent.model import LatentVLM
 
     t0 = time.time()
     model = LatentVLM.from_pretrained(job["model"]).eval()
-    scores = intervention_scores(model, job["task"], job["data"], eval_settings(job["arm"], job["task"]), job["seed"])
-    return {"kind": "interventions", **{k: job[k] for k in ("name", "task", "seed", "lr")}, **scores,
+    scores = test_scores(model, job, Path(job["out"]))
+    return {"kind": "test", **{k: job[k] for k in ("name", "task", "seed", "lr")}, **scores,
             "total_s": time.time() - t0}
 
 
@@ -273,7 +285,7 @@ def fingerprint(job: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in job.items() if k not in ("out", "cost")}))
 
 
-RUNNERS = {"train": run_job, "interventions": run_interventions, "sketches": run_sketches}
+RUNNERS = {"train": run_job, "test": run_test, "sketches": run_sketches}
 
 
 def child(job: dict) -> None:
@@ -402,8 +414,8 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                          f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} |")
     lines += ["", "## Cost and settings", "",
               "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split "
-              f"({budget.get('val_examples') or 'all'} examples) kept (ties: the first listed); the other seeds at "
-              "that rate. Job s: training, evaluation and interventions.", "",
+              f"({budget.get('val_examples') or 'all'} examples) kept (ties: the first listed) and only it scored "
+              "on test; the other seeds at that rate. Job s: training, evaluation and interventions.", "",
               "| arm | task | examples seen | train s (mean) | job s (mean) | learning rate "
               "| val accuracy per rate (seed 0) |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
@@ -555,9 +567,9 @@ def main() -> int:
     grid = {name: arm["learning_rates"] if args.tune else arm["learning_rates"][:1] for name, arm in arms.items()}
 
     def job(name, task, seed, lr):
-        trial = args.tune and seed == args.seeds[0]  # scored on val too; interventions only once val picks it
+        trial = args.tune and seed == args.seeds[0]  # scored on val; on test once val picks it
         return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "budget": budget,
-                "splits": ["val", "test"] if trial else ["test"], "interventions": not trial,
+                "split": "val" if trial else "test",
                 "data": str(data[task]), "base": bases[seed], "out": str(root / "runs" / name / task / f"seed{seed}"
                                                                         / f"lr{lr:g}"),
                 "cost": arms[name].get("cost", 1) * TASK_COST.get(task, 1)}
@@ -565,11 +577,12 @@ def main() -> int:
     trials, chosen = {}, {}
 
     def then(result: dict) -> list[dict]:
-        status = result.get("error") or (f"accuracy {result['accuracy']:.3f}" if "accuracy" in result else "done")
+        status = result.get("error") or ", ".join(f"{k} {result[k]:.3f}" for k in ("val_accuracy", "accuracy")
+                                                  if k in result) or "done"
         print(f"{result['name']:>12} {result['task']:>7} seed {result['seed']} lr {result['lr']:g}: {status}",
               flush=True)
         key = (result["name"], result["task"])
-        if result.get("kind") in ("sketches", "interventions") or result["seed"] != args.seeds[0]:
+        if result.get("kind") in ("sketches", "test") or result["seed"] != args.seeds[0]:
             return []
         trials.setdefault(key, []).append(result)
         ok = [r for r in trials[key] if "error" not in r]
@@ -580,10 +593,10 @@ def main() -> int:
         chosen[key] = best["lr"]
         more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]]
         if args.tune:
-            more.append({"kind": "interventions", **{k: best[k] for k in ("name", "task", "seed", "lr")},
+            more.append({"kind": "test", **{k: best[k] for k in ("name", "task", "seed", "lr")},
                          "arm": arms[key[0]], "data": str(data[key[1]]), "model": best["stages"][-1],
                          "cost": arms[key[0]].get("cost", 1) * TASK_COST.get(key[1], 1) / 4,
-                         "out": str(Path(best["stages"][-1]).parent / "interventions")})
+                         "out": str(Path(best["stages"][-1]).parent / "test")})
         figure = arms[key[0]].get("figure")
         if figure and figure["task"] == key[1]:
             more.append({"kind": "sketches", "name": key[0], "task": key[1], "seed": best["seed"], "lr": best["lr"],
@@ -596,12 +609,16 @@ def main() -> int:
     first = [job(name, t, args.seeds[0], lr) for name, t in pairs for lr in grid[name]]
     done = run_all(first, args.jobs, then, mp)
     results = [r for r in done if r.get("kind") is None and chosen.get((r["name"], r["task"])) == r["lr"]]
-    results += [r for r in done if "error" in r and ((r["name"], r["task"]) not in chosen or r.get("kind"))]
-    for extra in (r for r in done if r.get("kind") == "interventions" and "error" not in r):
+    results += [r for r in done if "error" in r and ((r["name"], r["task"]) not in chosen
+                                                     or r.get("kind") == "sketches")]
+    for extra in (r for r in done if r.get("kind") == "test"):
         trial = next(r for r in results if r.get("kind") is None and r["seed"] == extra["seed"]
                      and (r["name"], r["task"], r["lr"]) == (extra["name"], extra["task"], extra["lr"]))
+        if "error" in extra:  # reported as the trial's failure; its val column stays in the cost table
+            trial["error"] = extra["error"]
+            continue
         trial["total_s"] += extra["total_s"]
-        trial.update({k: extra[k] for k in ("interventions", "latent_rate") if k in extra})
+        trial.update({k: extra[k] for k in ("accuracy", "interventions", "latent_rate") if k in extra})
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
     write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
                  time.time() - t0)

@@ -55,16 +55,17 @@ def test_one_arm_end_to_end(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     runs = tmp_path / "runs/runs/sketchpad/maze"
     trials = [json.loads((runs / f"seed0/lr{lr:g}/result.json").read_text()) for lr in arm["learning_rates"]]
-    assert all(0 <= t["val_accuracy"] <= 1 and 0 <= t["accuracy"] <= 1 for t in trials)
+    assert all(0 <= t["val_accuracy"] <= 1 and "accuracy" not in t for t in trials)  # tuning never sees test
     chosen = max(trials, key=lambda t: (t["val_accuracy"], -arm["learning_rates"].index(t["lr"])))["lr"]
     assert [p.name for p in (runs / "seed1").iterdir()] == [f"lr{chosen:g}"]
     result = json.loads((runs / f"seed1/lr{chosen:g}/result.json").read_text())
     assert result["examples_seen"] == 16 and "val_accuracy" not in result
     assert set(result["interventions"]) == {"zero", "swap", "noise"}
-    # seed 0's interventions: a job of their own, for the rate val picked only
-    picked = json.loads((runs / f"seed0/lr{chosen:g}/interventions/result.json").read_text())
+    # seed 0's test split and interventions: a job of their own, for the rate val picked only
+    picked = json.loads((runs / f"seed0/lr{chosen:g}/test/result.json").read_text())
+    assert 0 <= picked["accuracy"] <= 1 and (runs / f"seed0/lr{chosen:g}/test/eval_test/scores.json").is_file()
     assert set(picked["interventions"]) == {"zero", "swap", "noise"} and 0 <= picked["latent_rate"] <= 1
-    assert [p.parent.name for p in runs.glob("seed0/*/interventions")] == [f"lr{chosen:g}"]
+    assert [p.parent.name for p in runs.glob("seed0/*/test")] == [f"lr{chosen:g}"]
     report = (tmp_path / "LEARNING.md").read_text()
     assert "| sketchpad | maze |" in report and "| chance |" in report and "val accuracy per rate" in report
     assert "sketchpad's sketches (maze, seed 0)" in report
