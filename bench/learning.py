@@ -206,17 +206,20 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     images, prompts = [ex.open_images() for ex in examples], [ex.prompt for ex in examples]
     prefix = model.method.config.latent_start_token if settings["latent"] == "on" else None
     kwargs = dict(max_new_tokens=settings["max_new_tokens"], prefix=prefix)
-    # batches of 16; a last batch of one joins the one before, since "swap" needs another example's latents
-    cuts = list(range(0, len(examples), 16)) + [len(examples)]
-    if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
-        del cuts[-2]
-    chunks = list(zip(cuts, cuts[1:]))
+    chunks = [(a, min(a + 16, len(examples))) for a in range(0, len(examples), 16)]  # batches of 16
     baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
     scores = {"latent_rate": sum(bool(g.latent_segments) for g in baseline) / len(baseline), "interventions": {}}
+    # "swap": example i takes the latents of the next test example (cyclically, over the whole split) that has any;
+    # the one example of a split where no other has latents keeps its own
+    with_latents = [i for i, g in enumerate(baseline) if g.latent_segments]
+    donors = [baseline[next((j for j in with_latents if j > i), next((j for j in with_latents if j != i), i))]
+              for i in range(len(baseline))]
     for mode in INTERVENTIONS:
         correct = changed = 0
         for a, b in chunks:
-            runs = intervene(model, images[a:b], prompts[a:b], mode, baseline=baseline[a:b], seed=seed, **kwargs)
+            swap = {"donor_runs": donors[a:b]} if mode == "swap" else {}
+            runs = intervene(model, images[a:b], prompts[a:b], mode, baseline=baseline[a:b], seed=seed, **swap,
+                             **kwargs)
             correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[a:b], runs))
             changed += sum(r.changed for r in runs)
         scores["interventions"][mode] = {"accuracy": correct / len(examples), "changed": changed / len(examples)}

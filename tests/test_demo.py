@@ -154,6 +154,9 @@ def test_intervene_replaces_latents_as_asked(mirage_model):
                        donor_prompts=[prompts[1]], **kwargs)
     torch.testing.assert_close(donors[0].generation.latent_segments[0].latents, base[1].latent_segments[0].latents)
     assert donors[0].baseline.text == base[0].text
+    # donors already run (another batch's baseline): their latents, no generation for them
+    ran = intervene(mirage_model, images[:1], prompts[:1], "swap", baseline=base[:1], donor_runs=base[1:], **kwargs)
+    torch.testing.assert_close(ran[0].generation.latent_segments[0].latents, base[1].latent_segments[0].latents)
 
     # donors are the next examples that have latents: a row that never entered latent mode is skipped
     mixed = intervene(mirage_model, images + [tiny_image(2)], prompts + ["Where?"], "swap", max_new_tokens=8,
@@ -167,6 +170,7 @@ def test_intervene_replaces_latents_as_asked(mirage_model):
     ("erase", {}, "unknown intervention mode"),
     ("swap", {}, "swap needs another example"),
     ("swap", {"donor_prompts": ["x"]}, "go together"),
+    ("swap", {"donor_runs": []}, "one donor run per example"),
     ("zero", {"baseline": []}, "baseline has 0 generations"),
 ])  # fmt: skip
 def test_intervene_bad_arguments_are_named(mirage_model, mode, kwargs, match):

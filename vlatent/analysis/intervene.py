@@ -87,13 +87,15 @@ class LatentReplacer:
 
 
 def intervene(model, images, prompts, mode: str = "zero", *, baseline: list[Generation] | None = None,
-              donor_images=None, donor_prompts=None, seed: int = 0, **generate_kwargs) -> list[InterventionResult]:
+              donor_images=None, donor_prompts=None, donor_runs: list[Generation] | None = None, seed: int = 0,
+              **generate_kwargs) -> list[InterventionResult]:
     """Run ``prompts`` (one per example, ``images`` as for ``generate``) with the latents replaced (see the module
     docstring); one ``InterventionResult`` per example, in order.
 
     ``baseline``: the unmodified generations, if already run with the same ``generate_kwargs`` (else run here).
     ``"swap"`` feeds example i the latents of the next example (cyclically) whose unmodified run has latents, or, with
-    ``donor_images`` / ``donor_prompts`` (one per example), those of donor i's unmodified run. ``seed`` seeds the
+    ``donor_images`` / ``donor_prompts`` (one per example), those of donor i's unmodified run, or, with ``donor_runs``
+    (one per example), those of a donor run already made (e.g. an example of another batch). ``seed`` seeds the
     noise. ``generate_kwargs`` go to ``generate`` (``max_new_tokens``, ``prefix``, ...) for both runs.
     """
     if mode not in MODES:
@@ -105,24 +107,25 @@ def intervene(model, images, prompts, mode: str = "zero", *, baseline: list[Gene
     images = [None] * n if images is None else list(images)
     if (donor_images is None) != (donor_prompts is None):
         raise ValueError("donor_images and donor_prompts go together (one donor per example)")
-    with_donors = donor_prompts is not None
-    if with_donors and (len(donor_prompts) != n or len(donor_images) != n):
+    if donor_prompts is not None and (len(donor_prompts) != n or len(donor_images) != n):
         raise ValueError(f"one donor per example: got {len(donor_prompts)} donor prompts and {len(donor_images)} "
                          f"donor images for {n} examples")
+    if donor_runs is not None and (donor_prompts is not None or len(donor_runs) != n):
+        raise ValueError(f"donor_runs: one donor run per example ({len(donor_runs)} for {n} examples), and not "
+                         "together with donor_images / donor_prompts")
+    with_donors = donor_prompts is not None or donor_runs is not None
     if mode == "swap" and not with_donors and n < 2:
-        raise ValueError("swap needs another example's latents: pass at least 2 prompts, or donor_images and "
-                         "donor_prompts")
+        raise ValueError("swap needs another example's latents: pass at least 2 prompts, or donors")
     if baseline is not None and len(baseline) != n:
         raise ValueError(f"baseline has {len(baseline)} generations for {n} examples")
 
     # the unmodified run (and the donors' runs, batched with it)
-    donor_runs = None
+    run_donors = mode == "swap" and donor_prompts is not None
     if baseline is None:
-        extra_images, extra_prompts = (list(donor_images), list(donor_prompts)) if mode == "swap" and with_donors \
-            else ([], [])
+        extra_images, extra_prompts = (list(donor_images), list(donor_prompts)) if run_donors else ([], [])
         runs = generate(model, images + extra_images, prompts + extra_prompts, **generate_kwargs)
-        baseline, donor_runs = runs[:n], runs[n:] or None
-    elif mode == "swap" and with_donors:
+        baseline, donor_runs = runs[:n], runs[n:] or donor_runs
+    elif run_donors:
         donor_runs = generate(model, list(donor_images), list(donor_prompts), **generate_kwargs)
     if mode == "none":
         return [InterventionResult(mode, answer_text(g), answer_text(g), g, g) for g in baseline]
