@@ -2,7 +2,7 @@
 backbone with the same number of examples seen, on four synthetic tasks, over several seeds; test accuracy, chance,
 and the intervention check (accuracy with the latents zeroed, swapped between examples, or replaced by noise).
 
-    python bench/learning.py --budget small                     # CPU, ~70 min on 2 cores -> bench/LEARNING.md
+    python bench/learning.py --budget small                     # CPU, ~54 min on 2 cores -> bench/LEARNING.md
     python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
     python bench/learning.py --budget small --arms text_direct,mirage --tasks maze --seeds 0 --out runs/l
 
