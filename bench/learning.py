@@ -198,6 +198,7 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     the share of answers whose text changed, against the unmodified run ({} for an arm without latents)."""
     from eval.benchmarks import get_benchmark, judge, load_examples
     from vlatent.analysis import intervene
+    from vlatent.analysis.intervene import next_with_latents
 
     if not model.method.uses_latents:
         return {}
@@ -209,11 +210,10 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     chunks = [(a, min(a + 16, len(examples))) for a in range(0, len(examples), 16)]  # batches of 16
     baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
     scores = {"latent_rate": sum(bool(g.latent_segments) for g in baseline) / len(baseline), "interventions": {}}
-    # "swap": example i takes the latents of the next test example (cyclically, over the whole split) that has any;
+    # "swap": intervene's own donor rule (the next example with latents), over the whole split rather than per batch;
     # the one example of a split where no other has latents keeps its own
-    with_latents = [i for i, g in enumerate(baseline) if g.latent_segments]
-    donors = [baseline[next((j for j in with_latents if j > i), next((j for j in with_latents if j != i), i))]
-              for i in range(len(baseline))]
+    donors = [baseline[d if d is not None else i] for i, d in
+              enumerate(next_with_latents(baseline, i) for i in range(len(baseline)))]
     for mode in INTERVENTIONS:
         correct = changed = 0
         for a, b in chunks:
@@ -370,15 +370,14 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def reused(results: list[dict], trials: dict, sketches: dict | None) -> str:
-    """How many of the report's jobs came from an earlier invocation's result.json, in words."""
-    jobs = {id(r): r for r in [*results, *(r for rs in trials.values() for r in rs), *([sketches] if sketches else [])]}
-    n = sum(bool(r.get("reused")) for r in jobs.values())
-    return f"reusing {n} of {len(jobs)} finished jobs" if n else "every job run afresh"
+def reused(done: list[dict]) -> str:
+    """How many of the invocation's jobs came from an earlier invocation's result.json, in words."""
+    n = sum(bool(r.get("reused")) for r in done)
+    return f"reusing {n} of {len(done)} finished jobs" if n else "every job run afresh"
 
 
 def write_report(path: Path, results: list[dict], trials: dict, args, budget: dict, chances: dict,
-                 sketches: dict | None, wall_s: float) -> None:
+                 sketches: dict | None, wall_s: float, reuse: str) -> None:
     ok = [r for r in results if "error" not in r]
     arms = list(dict.fromkeys(r["name"] for r in results))
     tasks = sorted({r["task"] for r in results}, key=list(TASKS).index)
@@ -390,7 +389,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
              f"tiny Qwen2.5-VL trained from scratch, vision tower included). Compute: "
              f"{sum(r.get('total_s', 0) for r in jobs_run) / 60:.1f} job-minutes "
              f"incl. the learning-rate trials (jobs run {args.jobs} at a time; this invocation took "
-             f"{wall_s / 60:.1f} min wall-clock, {reused(results, trials, sketches)}).", "",
+             f"{wall_s / 60:.1f} min wall-clock, {reuse}).", "",
              "Test accuracy, mean ± std over seeds. Chance: uniform over the answers that occur / always the most "
              "frequent answer.", "",
              "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
@@ -624,7 +623,7 @@ def main() -> int:
         trial.update({k: extra[k] for k in ("accuracy", "interventions", "latent_rate") if k in extra})
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
     write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
-                 time.time() - t0)
+                 time.time() - t0, reused(done))
     plot_curves(report.parent / "learning_curves.png", results)
     print(f"report: {report}")
     return 0

@@ -51,7 +51,7 @@ def _all_latents(generation: Generation) -> torch.Tensor | None:
     return torch.cat([s.latents for s in segments]) if segments else None
 
 
-def _next_with_latents(runs: list[Generation], i: int) -> int | None:
+def next_with_latents(runs: list[Generation], i: int) -> int | None:
     """The first example after ``i`` (cyclically, ``i`` excluded) whose run has latents."""
     n = len(runs)
     return next(((i + d) % n for d in range(1, n) if runs[(i + d) % n].latent_segments), None)
@@ -132,7 +132,7 @@ def intervene(model, images, prompts, mode: str = "zero", *, baseline: list[Gene
 
     donors = index = None
     if mode == "swap":
-        index = list(range(n)) if with_donors else [_next_with_latents(baseline, i) for i in range(n)]
+        index = list(range(n)) if with_donors else [next_with_latents(baseline, i) for i in range(n)]
         donors = [None if d is None else _all_latents((donor_runs or baseline)[d]) for d in index]
         for i, (base, donor) in enumerate(zip(baseline, donors)):
             if donor is None and base.latent_segments:
