@@ -15,7 +15,7 @@ import yaml
 from vlatent.data import load_records
 from vlatent.model import LatentVLM
 
-from test_training import finish, launch
+from test_training import check_seeding, finish, launch, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(num_latent_tokens=4, lq_hidden_size=32, lq_heads=4, lq_layers=1, num_queries=4, num_iterations=2,
@@ -130,6 +130,15 @@ def test_similarity_maps_and_reconstruction(model, depth_data):
     assert len(images) == 1 and images[0].size == (16, 16)
     with pytest.raises(ValueError, match="needs the generation context"):
         model.method.next_latent(torch.zeros(1, 64))
+
+
+def test_one_seed_one_run(tmp_path, tiny_base, depth_data):
+    """The LQ-Former and the UNet are built after train/sft.py seeds: two runs with one seed match."""
+    cfg = recipe(tmp_path, model=str(tiny_base), method="cocova", method_config=TINY,
+                 data={"train": str(depth_data / "train.jsonl"), "max_length": 1024},
+                 training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 2,
+                           "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True})
+    check_seeding(tmp_path, cfg, is_new=lambda name: name.startswith("method."))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from train.perception_tokenizer import main as train_tokenizer  # noqa: E402
 
-from test_training import finish, launch  # noqa: E402
+from test_training import check_seeding, finish, launch, recipe  # noqa: E402
 
 N_CODES, CODEBOOK = 16, 16  # the test tokenizer: 32 px maps, 3 downsamplings -> 4 x 4 codes
 
@@ -176,6 +176,17 @@ def test_checkpoint_carries_its_tokenizer(model, tmp_path):
     loaded = LatentVLM.from_pretrained(moved)
     assert loaded.method.config.tokenizer == str(moved / "decoder")
     assert loaded.method.config.depth_code_id == model.method.config.depth_code_id
+
+
+def test_one_seed_one_run(tmp_path, tiny_base, tokenizer_dir, depth_data):
+    """The grown embeddings are built after train/sft.py seeds: two runs with one seed match."""
+    cfg = recipe(tmp_path, model=str(tiny_base), method="perception",
+                 method_config={"tokenizer": str(tokenizer_dir), "num_latent_tokens": N_CODES,
+                                "codebook_size": CODEBOOK},
+                 data={"train": str(depth_data / "train.jsonl"), "max_length": 1024},
+                 training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 2,
+                           "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True})
+    check_seeding(tmp_path, cfg, is_new=lambda name: name.endswith(("embed_tokens.weight", "lm_head.weight")))
 
 
 @pytest.mark.slow

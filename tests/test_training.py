@@ -17,7 +17,9 @@ from vlatent.model import LatentVLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from train.sft import load_model, seed_run  # noqa: E402
 from train.sft import main as sft  # noqa: E402
+from vlatent.training import load_recipe  # noqa: E402
 
 from test_model import write_records  # noqa: E402
 
@@ -43,6 +45,40 @@ def tiny_recipe(tmp_path, base, train, method="mirage", **training):
                   training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
                             "learning_rate": 3e-3, "max_steps": 30, "lr_scheduler_type": "constant",
                             "logging_steps": 5, "seed": 0, "disable_tqdm": True, **training})
+
+
+def built_state(cfg, seed: int, scramble: int) -> dict[str, torch.Tensor]:
+    """The weights train/sft.py starts from (seeding, then ``load_model``) with ``training.seed=seed``, the process
+    RNG scrambled by ``scramble`` beforehand."""
+    torch.manual_seed(scramble)
+    recipe_ = load_recipe(cfg, [f"training.seed={seed}"])
+    seed_run(recipe_)
+    model, _ = load_model(recipe_, rank=0)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def check_seeding(tmp_path, cfg, is_new) -> None:
+    """One seed, one run: train/sft.py twice from differently scrambled process RNGs (what two invocations, or two
+    jobs of one process, start from) logs the same losses and saves the same weights, the method's new modules
+    (``is_new(name)``) included; another seed builds other new-module weights on the same base weights."""
+    logs, weights = [], []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        torch.manual_seed(1000 + i)
+        assert sft(["--config", cfg, "--set", f"training.output_dir={out}"]) == 0
+        logs.append([{k: v for k, v in e.items() if k.startswith("loss") or k == "grad_norm"}
+                     for e in json.loads((out / "log_history.json").read_text()) if "loss" in e])
+        trained = LatentVLM.from_pretrained(out)
+        weights.append({k: v.detach() for k, v in trained.state_dict().items()})
+    assert logs[0] and logs[0] == logs[1], logs
+    new = [k for k in weights[0] if is_new(k)]
+    assert new, "no new-module weights"
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), \
+        [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+
+    first, other = built_state(cfg, 0, scramble=1), built_state(cfg, 1, scramble=1)
+    differ = {k for k in first if not torch.equal(first[k], other[k])}
+    assert differ and differ <= set(new), sorted(differ)
 
 
 @pytest.mark.parametrize("method, stage", [("mirage", 1), ("mirage", 2), ("text", 1)])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import TrainingArguments
+from transformers import TrainingArguments, enable_full_determinism, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlatent.data import RecordError, load_records
@@ -87,6 +87,20 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def seed_run(recipe) -> int:
+    """Seed every RNG with the recipe's training.seed (TrainingArguments' default when unset) before the model is built.
+
+    The Trainer seeds only when it is constructed, after ``load_model``: a method's new modules (CoCoVa's LQ-Former and
+    UNet, perception's token embeddings, LoRA adapters) would otherwise start from whatever state the process's RNG
+    is in, and two runs with one seed would differ. Returns the seed."""
+    seed = recipe.training.get("seed", TrainingArguments.__dataclass_fields__["seed"].default)
+    if recipe.training.get("full_determinism", False):
+        enable_full_determinism(seed)
+    else:
+        set_seed(seed)
+    return seed
+
+
 def load_model(recipe, rank: int) -> tuple[LatentVLM, dict]:
     """The recipe's model with its freezing and LoRA applied; (model, parameter counts)."""
     model = LatentVLM.from_pretrained(recipe.model, method=recipe.method, dtype=recipe.dtype, **recipe.method_config)
@@ -140,6 +154,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    seed_run(recipe)  # before load_model: the method's new modules are initialised from the RNG
     model, counts = load_model(recipe, rank)
     collator = model.collator(max_length=recipe.data.max_length, on_overflow=recipe.data.on_overflow,
                               min_pixels=recipe.data.min_pixels, max_pixels=recipe.data.max_pixels)

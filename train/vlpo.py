@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's `train` package
-from train.sft import load_model, parse_args, prepare_output, run, training_arguments  # noqa: E402
+from train.sft import load_model, parse_args, prepare_output, run, seed_run, training_arguments  # noqa: E402
 from vlatent.data import load_records  # noqa: E402
 from vlatent.training import VLPOConfig, VLPOTrainer, load_recipe  # noqa: E402
 
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    seed_run(recipe)  # before load_model: the method's new modules are initialised from the RNG
     model, counts = load_model(recipe, rank)
     if recipe.data.min_pixels is not None or recipe.data.max_pixels is not None:  # bounds every image's token count
         size = model.processor.image_processor.size
