@@ -2,7 +2,7 @@
 
     vlatent eval --model ckpt/ --bench mmmu --out runs/mmmu                  # MMMU/MMMU from the hub, validation split
     vlatent eval --model ckpt/ --bench mmstar --data ~/MMStar --out runs/mmstar --prompt vlmevalkit
-    vlatent eval --model ckpt/ --bench maze --data data/maze --out runs/maze --latent off
+    vlatent eval --model ckpt/ --bench maze --data data/maze --out runs/maze --latent on
     torchrun --nproc_per_node 8 -m vlatent.cli eval --model ckpt/ --bench mmmu --data ~/MMMU --out runs/mmmu
 
 Each batch's prediction rows are appended to ``OUT/predictions.jsonl`` and flushed as soon as they are made; rerunning
@@ -16,9 +16,15 @@ leakage ``ML = max(0, S_wv - S_t)`` come from such runs, given to the with-image
 model, images withheld) and ``--leakage-against DIR`` (its LLM base, text only); they land in ``scores.json`` and the
 report.
 
-``--latent on`` starts every answer with the method's latent start token, so the model thinks visually (its K latent
-steps) before it writes; ``off`` leaves the answer to the model, which may still open a latent segment itself. The
-default is ``on`` for methods with latent tokens.
+``--latent`` says who decides where the latent segments go (``LATENT_MODES``; ``run.json`` records the mode):
+
+- ``auto`` (the default, for every method): no prefix; the model opens a latent segment when it chooses to, as the
+  papers' inference does and as every training set is written (text first, then a latent segment).
+- ``on``: every answer starts with the method's latent start token, so the model thinks visually (its K latent steps)
+  before it writes anything. Methods with latent tokens only.
+- ``off``: no latents at all: the latent start token is never sampled (``generate(..., allow_latents=False)``), so
+  the model answers in text only, even where it would have opened a segment. For a method without latent tokens
+  (text, perception, whose segments are ordinary text tokens) ``off`` is ``auto``: there is nothing to suppress.
 """
 
 from __future__ import annotations
@@ -42,27 +48,31 @@ from .benchmarks import (BENCHMARKS, PROMPTS, Benchmark, EvalError, Example, Ima
 from .report import write_report
 
 PREDICTIONS = "predictions.jsonl"
+LATENT_MODES = ("auto", "on", "off")  # see the module docstring
 POLL_SECONDS = 2.0  # how often rank 0 looks for the other ranks' rows
 
 
 def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: str | os.PathLike, *,
-             split: str | None = None, batch_size: int = 8, max_new_tokens: int = 256, latent: str | None = None,
+             split: str | None = None, batch_size: int = 8, max_new_tokens: int = 256, latent: str = "auto",
              limit: int | None = None, prompt: str = "official", images: str = "on",
              gain_against: str | os.PathLike | None = None, leakage_against: str | os.PathLike | None = None,
              rank: int | None = None, world_size: int | None = None, progress: bool = True) -> dict:
     """Evaluate an already loaded ``model`` on ``bench`` into the folder ``out`` (see the module docstring).
 
     ``data``: hub id or folder (None: the benchmark's hub id; the synthetic tasks need a ``data_builders`` folder).
-    ``limit``: the first N examples only. ``images="off"`` withholds the images; ``gain_against`` / ``leakage_against``
-    (MMStar) are output folders of such runs, for the multi-modal gain and leakage. ``rank`` / ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that
-    torchrun sets. Returns the scores on rank 0 (what ``scores.json`` holds) and ``{}`` on the other ranks. Bad input
-    -> ``EvalError``; an example that cannot run becomes an error row, never an exception.
+    ``latent``: ``"auto"`` (the model decides), ``"on"`` (start in latent mode) or ``"off"`` (no latents): see the
+    module docstring. ``limit``: the first N examples only. ``images="off"`` withholds the images; ``gain_against`` /
+    ``leakage_against`` (MMStar) are output folders of such runs, for the multi-modal gain and leakage. ``rank`` /
+    ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that torchrun sets. Returns the scores on rank 0 (what
+    ``scores.json`` holds) and ``{}`` on the other ranks. Bad input -> ``EvalError``; an example that cannot run
+    becomes an error row, never an exception.
     """
     bench = get_benchmark(bench)
     split = split or bench.default_split
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     latent = _latent_mode(model, latent)
+    generation = latent_kwargs(model, latent)
     if images not in ("on", "off"):
         raise EvalError(f"images must be 'on' or 'off', got {images!r}")
     baselines = _gain_runs(bench, split, gain_against, leakage_against)
@@ -80,12 +90,11 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
     done = {row["id"] for row in _all_rows(out)}
     shard = examples[rank::world_size]
     todo = [ex for ex in shard if ex.id not in done]
-    prefix = model.method.config.latent_start_token if latent == "on" else None
     desc = bench.name if world_size == 1 else f"{bench.name} rank {rank}/{world_size}"
     with open(own, "a", encoding="utf-8") as f, tqdm(total=len(shard), initial=len(shard) - len(todo), desc=desc,
                                                       unit="ex", position=rank, disable=not progress) as bar:
         for i in range(0, len(todo), batch_size):
-            rows = _run_batch(model, bench, todo[i:i + batch_size], max_new_tokens, prefix, images == "on")
+            rows = _run_batch(model, bench, todo[i:i + batch_size], max_new_tokens, generation, images == "on")
             f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             f.flush()
             bar.update(len(rows))
@@ -124,14 +133,26 @@ def _gain_runs(bench: Benchmark, split: str, gain_against, leakage_against) -> t
 
 
 def _latent_mode(model: LatentVLM, latent: str | None) -> str:
-    uses = model.method.uses_latents
     if latent is None:
-        return "on" if uses else "off"
-    if latent not in ("on", "off"):
-        raise EvalError(f"latent must be 'on' or 'off', got {latent!r}")
-    if latent == "on" and not uses:
+        return "auto"
+    if latent not in LATENT_MODES:
+        raise EvalError(f"latent must be one of {', '.join(LATENT_MODES)}, got {latent!r}")
+    if latent == "on" and not model.method.uses_latents:
         raise EvalError(f"--latent on needs a method with latent tokens; {model.method.name!r} has none")
     return latent
+
+
+def latent_kwargs(model: LatentVLM, latent: str) -> dict:
+    """The ``generate`` arguments of a ``--latent`` mode (``auto`` / ``on`` / ``off``, see the module docstring), for
+    callers that generate outside ``evaluate`` with the same settings (interventions, figures)."""
+    if latent not in LATENT_MODES:
+        raise EvalError(f"latent must be one of {', '.join(LATENT_MODES)}, got {latent!r}")
+    uses = model.method.uses_latents
+    if latent == "on":
+        if not uses:
+            raise EvalError(f"--latent on needs a method with latent tokens; {model.method.name!r} has none")
+        return {"prefix": model.method.config.latent_start_token}
+    return {"allow_latents": False} if latent == "off" and uses else {}
 
 
 def _where(path_or_id) -> str:
@@ -144,9 +165,10 @@ def _where(path_or_id) -> str:
 
 
 def _run_batch(model: LatentVLM, bench: Benchmark, batch: list[Example], max_new_tokens: int,
-               prefix: str | None, with_images: bool = True) -> list[dict]:
-    """Prediction rows for ``batch``, in order. An example whose row is bad, whose image does not decode or whose
-    generation fails on its own becomes an error row; the others are generated together."""
+               generation: dict | None = None, with_images: bool = True) -> list[dict]:
+    """Prediction rows for ``batch``, in order. ``generation``: ``latent_kwargs`` of the run's latent mode. An example
+    whose row is bad, whose image does not decode or whose generation fails on its own becomes an error row; the
+    others are generated together."""
     rows, ready, images = {}, [], []
     start = time.perf_counter()
     for ex in batch:
@@ -159,7 +181,7 @@ def _run_batch(model: LatentVLM, bench: Benchmark, batch: list[Example], max_new
             except ImageError as e:
                 reason = str(e)
         rows[ex.id] = _error_row(ex, reason)
-    results = _generate(model, ready, images, max_new_tokens=max_new_tokens, prefix=prefix)
+    results = _generate(model, ready, images, max_new_tokens=max_new_tokens, **(generation or {}))
     seconds = (time.perf_counter() - start) / max(len(ready), 1)
     for ex, result in zip(ready, results):
         rows[ex.id] = _row(bench, ex, result, seconds) if isinstance(result, Generation) else _error_row(ex, result)
@@ -286,9 +308,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=8, help="examples per generation batch (default: 8)")
     p.add_argument("--max-new-tokens", type=_positive, default=256,
                    help="positions generated per answer, latent steps included (default: 256)")
-    p.add_argument("--latent", choices=("on", "off"), default=None,
-                   help="on: start each answer in latent mode; off: leave it to the model (default: on when the "
-                        "method has latent tokens)")
+    p.add_argument("--latent", choices=LATENT_MODES, default="auto",
+                   help="auto (default): the model opens latent segments where it chooses, as trained; on: start "
+                        "each answer in latent mode (methods with latent tokens); off: never open a latent segment "
+                        "(text only)")
     p.add_argument("--images", choices=("on", "off"), default="on",
                    help="off: withhold the images (MMStar's S_wv / S_t runs for the multi-modal gain and leakage)")
     p.add_argument("--gain-against", default=None, metavar="DIR",

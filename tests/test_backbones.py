@@ -287,10 +287,12 @@ def test_one_sft_step(family_base, method_config, records, family, method):
 @pytest.mark.parametrize("family, method", PAIRS)
 def test_one_eval(pair_model, maze_data, tmp_path, family, method):
     model = pair_model(family, method)
+    uses = model.method.uses_latents  # latent methods start in latent mode, so every family runs a latent segment
     scores = evaluate(model, "maze", maze_data, tmp_path / "eval", batch_size=2, max_new_tokens=6, limit=3,
-                      progress=False)
+                      latent="on" if uses else "auto", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert scores["num"] == 3 and len(rows) == 3 and all(r["error"] is None for r in rows)
+    assert all(r["latent_tokens"] > 0 for r in rows) == uses
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from vlatent.cli import main as vlatent_main
 from vlatent.model import LatentVLM
@@ -132,7 +133,7 @@ def test_killed_run_resumes_without_duplicates_and_scores_from_scratch(bench, mo
     data = mmmu_dir if bench == "mmmu" else mmstar_dir
     out = tmp_path / "out"
     args = ["--model", model_dir, "--bench", bench, "--data", data, "--out", out, "--batch-size", 1,
-            "--max-new-tokens", 48]
+            "--max-new-tokens", 48, "--latent", "on"]
     proc = run_cli(args, tmp_path / "log.txt")
     predictions = out / "predictions.jsonl"
     deadline = time.time() + 120
@@ -160,7 +161,7 @@ def test_killed_run_resumes_without_duplicates_and_scores_from_scratch(bench, mo
     fresh = mmmu_scores(rows) if bench == "mmmu" else mmstar_scores([{**r, "failed": r["fallback"]} for r in rows])
     assert {k: scores[k] for k in fresh} == json.loads(json.dumps(fresh))
     assert scores["num"] == 12 and scores["errors"] == 0
-    assert all(row["latent_tokens"] == 4 and row["seconds"] > 0 for row in rows)  # --latent on by default for mirage
+    assert all(row["latent_tokens"] == 4 and row["seconds"] > 0 for row in rows)  # --latent on: K=4 latents each
     report = (out / "report.md").read_text()
     assert "## Overall" in report and ("Per subject" if bench == "mmmu" else "Per l2 category") in report
     assert (out / "scores.png").read_bytes().startswith(b"\x89PNG")
@@ -179,8 +180,50 @@ def test_synthetic_maze_through_evaluate(model, tmp_path):
     assert set(scores["per_question_type"]) == {"first_move", "turns", "reachable", "route_mc"}
     assert scores == json.loads((out / "scores.json").read_text())
 
+    assert json.loads((out / "run.json").read_text())["latent"] == "auto"  # the default, recorded
     off = evaluate(model, "maze", data, tmp_path / "off", latent="off", limit=4, max_new_tokens=4, progress=False)
     assert off["num"] == 4 and json.loads((tmp_path / "off" / "run.json").read_text())["latent"] == "off"
+
+
+@pytest.fixture(scope="module")
+def opener(model_dir):
+    """The tiny model with the latent start token's logit raised by a bias on the LM head: a model that opens a latent
+    segment on its own (a random one never would)."""
+    model = LatentVLM.from_pretrained(model_dir).eval()
+    bias = torch.zeros(model.backbone.model.get_output_embeddings().weight.shape[0])
+    bias[model.method.config.latent_start_id] = 100.0
+    model.backbone.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    return model
+
+
+def test_latent_modes_auto_by_default_on_forces_off_forbids(model, opener, tmp_path):
+    data = tmp_path / "maze"
+    assert maze.main(["--out", str(data), "--n", "4", "--size", "3", "--split", "0,0,1"]) == 0
+    examples = load_examples(BENCHMARKS["maze"], str(data), "test")
+
+    def rows(m, name, **kw):
+        evaluate(m, "maze", data, tmp_path / name, batch_size=4, max_new_tokens=8, progress=False, **kw)
+        assert json.loads((tmp_path / name / "run.json").read_text())["latent"] == kw.get("latent", "auto")
+        return read_rows(tmp_path / name / "predictions.jsonl")
+
+    # default: auto, no prefix: each answer is what the model generates unprompted (here, text from the first token)
+    free = model.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples], max_new_tokens=8)
+    default = rows(model, "default")
+    assert [r["output"] for r in default] == [g.text for g in free] and not any(r["latent_tokens"] for r in default)
+    # on: every answer starts with a K-step latent segment
+    assert all(r["output"].startswith("[latent x4]") and r["latent_tokens"] == 4 for r in rows(model, "on", latent="on"))
+    # a model that opens segments by itself: auto lets it (its first choice is the latent start), off never does
+    assert all(r["output"].startswith("[latent x4]") for r in rows(opener, "auto", latent="auto"))
+    off = rows(opener, "off", latent="off")
+    assert all(r["latent_tokens"] == 0 and "[latent" not in r["output"] and r["error"] is None for r in off)
+
+    with pytest.raises(EvalError, match="latent must be one of auto, on, off"):
+        evaluate(model, "maze", data, tmp_path / "bad", latent="maybe", progress=False)
+    text = LatentVLM.from_pretrained(build_tiny_model(tmp_path / "text", method="text")).eval()
+    with pytest.raises(EvalError, match="needs a method with latent tokens"):
+        evaluate(text, "maze", data, tmp_path / "text-on", latent="on", progress=False)
+    outputs = [[r["output"] for r in rows(text, f"text-{mode}", latent=mode)] for mode in ("auto", "off")]
+    assert outputs[0] == outputs[1]  # no latent tokens, nothing to suppress: off generates as auto does
 
 
 @pytest.mark.parametrize("output, correct", [
@@ -270,6 +313,7 @@ def test_one_bad_example_never_costs_the_others(model_dir, tmp_path, capsys):
     assert all(got[i]["error"] is None and got[i]["output"] is not None for i in "01347")
     scores = json.loads((out / "scores.json").read_text())
     assert scores["errors"] == 3 and scores["num"] == 8
+    assert json.loads((out / "run.json").read_text())["latent"] == "auto"  # the command line's default
     assert "## Errors (3)" in (out / "report.md").read_text()
 
 
