@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vlatent", "vlatent.*"]),
+    package_data={"vlatent": ["assets/tiny_base/*"]},  # the pretrained tiny base (`vlatent pretrain-base`)
     install_requires=[
         # torch is installed first (see README); the range only checks it, never pulls another build.
         "torch>=2.4,<2.15",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-from . import BUILDERS, CONVERTERS, TOOLS
+from . import BUILDERS, CONVERTERS, PERCEPTION, TOOLS
 
 
 def usage() -> str:
     lines = ["usage: vlatent build-data NAME [--help] ARGS...", ""]
-    for title, names in (("synthetic tasks", BUILDERS), ("converters", CONVERTERS), ("tools", TOOLS)):
+    for title, names in (("synthetic tasks", BUILDERS), ("perception captions", PERCEPTION), ("converters", CONVERTERS),
+                         ("tools", TOOLS)):
         lines.append(f"{title}:")
         for name in names:
             doc = importlib.import_module(f"data_builders.{name}").__doc__
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in BUILDERS + CONVERTERS + TOOLS:
-        print(f"error: unknown builder {name!r}; choose from {', '.join(BUILDERS + CONVERTERS + TOOLS)}",
+    if name not in BUILDERS + PERCEPTION + CONVERTERS + TOOLS:
+        print(f"error: unknown builder {name!r}; choose from {', '.join(BUILDERS + PERCEPTION + CONVERTERS + TOOLS)}",
               file=sys.stderr)
         return 2
     return importlib.import_module(f"data_builders.{name}").main(rest)

@@ -85,13 +85,35 @@ def depth_at(things, ids: Image.Image, point) -> tuple[float, str]:
     return K / (point[1] - HORIZON), "the ground"
 
 
+def random_things(rng, objects: tuple[int, int]) -> tuple[Thing, ...]:
+    """Between ``objects[0]`` and ``objects[1]`` objects of different colour and kind, far to near."""
+    kinds = rng.sample([(c, k) for c in COLORS for k in KINDS], rng.randint(*objects))
+    return tuple(sorted((Thing(c, k, round(rng.uniform(2.0, 12.0), 2), rng.randrange(15, SIDE - 15),
+                               round(rng.uniform(0.6, 1.4), 2)) for c, k in kinds), key=lambda t: -t.depth))
+
+
+def draw_scene(things) -> tuple[Image.Image, Image.Image]:
+    """The painted scene and its object-id map (0 = ground)."""
+    image, depth, ids = Image.new("RGB", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE))
+    paint(things, image, depth, ids)
+    return image, ids
+
+
+def mark(image: Image.Image, points) -> None:
+    """Draw the points A, B, ... as white dots with a black label tag."""
+    d = ImageDraw.Draw(image)
+    font = ImageFont.load_default(11)
+    for label, (x, y) in zip("AB", points):
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(255, 255, 255), outline=(0, 0, 0))
+        tx, ty = min(x + 5, SIDE - 12), max(y - 16, 0)
+        d.rectangle([tx, ty, tx + 10, ty + 12], fill=(0, 0, 0))
+        d.text((tx + 5, ty + 6), label, fill=(255, 255, 255), font=font, anchor="mm")
+
+
 def sample(rng, target, objects: tuple[int, int]) -> Scene | None:
     """A scene whose point ``target[1]`` is the closer one."""
-    kinds = rng.sample([(c, k) for c in COLORS for k in KINDS], rng.randint(*objects))
-    things = tuple(sorted((Thing(c, k, round(rng.uniform(2.0, 12.0), 2), rng.randrange(15, SIDE - 15),
-                                 round(rng.uniform(0.6, 1.4), 2)) for c, k in kinds), key=lambda t: -t.depth))
-    scene, depth, ids = Image.new("RGB", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE))
-    paint(things, scene, depth, ids)
+    things = random_things(rng, objects)
+    _, ids = draw_scene(things)
     on_objects = [(x, y) for x in range(6, SIDE - 6, 3) for y in range(6, SIDE - 6, 3) if ids.getpixel((x, y))]
     on_ground = [(x, y) for x in range(6, SIDE - 6, 5) for y in range(HORIZON + 6, SIDE - 6, 5)
                  if not ids.getpixel((x, y))]
@@ -110,13 +132,7 @@ def render(s: Scene, rid: str, writer: common.DatasetWriter) -> dict:
     scene, depth, ids = Image.new("RGB", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE))
     paint(s.things, scene, depth, ids)
     facts = [depth_at(s.things, ids, p) for p in s.points]
-    d = ImageDraw.Draw(scene)
-    font = ImageFont.load_default(11)
-    for label, (x, y) in zip("AB", s.points):
-        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(255, 255, 255), outline=(0, 0, 0))
-        tx, ty = min(x + 5, SIDE - 12), max(y - 16, 0)
-        d.rectangle([tx, ty, tx + 10, ty + 12], fill=(0, 0, 0))
-        d.text((tx + 5, ty + 6), label, fill=(255, 255, 255), font=font, anchor="mm")
+    mark(scene, s.points)
     images = [writer.save(scene, rid), writer.save(depth, f"{rid}-depth")]
     other = "B" if s.answer == "A" else "A"
     where = [f"point {label} lies on {what} at depth {dist:.1f}" for label, (dist, what) in zip("AB", facts)]

@@ -122,15 +122,20 @@ def sample(rng, target, grid: int) -> Puzzle | None:
     return p if right == edges[0] and edges[1] - right >= MIN_GAP else None
 
 
+def cut_hole(picture: Image.Image, grid: int, missing: int) -> None:
+    """Grey out tile ``missing`` with a question mark on it."""
+    d = ImageDraw.Draw(picture)
+    box = tile_box(grid, missing)
+    d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(200, 200, 200), outline=(90, 90, 90))
+    font = ImageFont.load_default(max(12, SIDE // grid // 2))
+    d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "?", fill=(90, 90, 90), font=font, anchor="mm")
+
+
 def render(p: Puzzle, rid: str, writer: common.DatasetWriter) -> dict:
     picture, tiles = make(p)
     t = SIDE // p.grid
     holed = picture.copy()
-    d = ImageDraw.Draw(holed)
-    box = tile_box(p.grid, p.missing)
-    d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(200, 200, 200), outline=(90, 90, 90))
-    font = ImageFont.load_default(max(12, t // 2))
-    d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "?", fill=(90, 90, 90), font=font, anchor="mm")
+    cut_hole(holed, p.grid, p.missing)
     pad, label = 8, 16
     board = Image.new("RGB", (2 * t + 3 * pad, 2 * (t + label) + 3 * pad), (255, 255, 255))
     d = ImageDraw.Draw(board)

@@ -481,3 +481,63 @@ def test_command_line_entry_points(tmp_path, capsys):
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "vsp: 100%" in run.stderr
     assert (tmp_path / "v" / "train.jsonl").read_text().count("\n") == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Perception captions (the tiny base's pretraining data)
+
+
+def test_captions_describe_pictures_no_task_builder_draws(tmp_path):
+    from data_builders import captions
+
+    assert main(["captions", "--out", str(tmp_path / "c"), "--n", "80", "--seed", "5"]) == 0
+    records = [r for s in SPLITS for r in load_records(tmp_path / "c", split=s)]
+    assert Counter(r["meta"]["kind"] for r in records) == {"maze": 20, "vsp": 20, "depth": 20, "jigsaw": 20}
+    for r in records:
+        assert len(r["images"]) == 1 and not latents(r) and "answer is" not in assistant_text(r)
+        assert assistant_text(r) == r["answer"]
+        kind, meta = r["meta"]["kind"], r["meta"]
+        if kind == "maze":  # the maze builder draws spanning trees (or one with a passage cut): acyclic, <= 2 pieces
+            n, cells = meta["size"], meta["cells"]
+            edges = sum(bin(c).count("1") for c in cells) // 2
+            seen, pieces = set(), 0
+            for s in range(n * n):
+                if s in seen:
+                    continue
+                pieces, queue = pieces + 1, deque([s])
+                seen.add(s)
+                while queue:
+                    cell = queue.popleft()
+                    for bit, step in ((1, -n), (2, n), (4, -1), (8, 1)):
+                        if cells[cell] & bit and cell + step not in seen:
+                            seen.add(cell + step)
+                            queue.append(cell + step)
+            assert not (edges == n * n - pieces and pieces <= 2)
+            # the caption's row 1 lists row 1's open sides in the order up, down, left, right
+            first = ["; ".join(" ".join(w for w, b in (("up", 1), ("down", 2), ("left", 4), ("right", 8)) if c & b)
+                               or "closed" for c in cells[:n])]
+            assert f"Row 1: {first[0]}." in r["answer"]
+        elif kind == "vsp":  # the vsp builder draws round(u * n * n) holes, u in [0.15, 0.35]
+            n = len(meta["rows"])
+            holes = sum(row.split().count("H") for row in meta["rows"])
+            assert not round(0.15 * n * n) <= holes <= round(0.35 * n * n)
+            assert "".join(meta["rows"]).count("S") == 1 and "".join(meta["rows"]).count("G") == 1
+
+
+def test_caption_score_counts_cells_read_right(tmp_path):
+    from data_builders import captions
+
+    assert main(["captions", "--out", str(tmp_path / "c"), "--n", "8", "--seed", "1", "--kinds", "maze,vsp"]) == 0
+    maze_rec, lake_rec = load_records(tmp_path / "c", split="train")[:2]
+    n = maze_rec["meta"]["size"]
+    assert captions.score(maze_rec, maze_rec["answer"]) == (n * n + 2, n * n + 2)  # every cell, start and goal
+    wrong = maze_rec["answer"].replace("Row 1: ", "Row 1: up down left right; ", 1)  # shifts row 1 by one cell
+    right, total = captions.score(maze_rec, wrong)
+    assert total == n * n + 2 and right < total
+    m = len(lake_rec["meta"]["rows"])
+    assert captions.score(lake_rec, lake_rec["answer"]) == (m * m, m * m)
+    first = lake_rec["meta"]["rows"][0].split()
+    flipped = lake_rec["answer"].replace(f"Row 1: {' '.join(first)}.",
+                                         f"Row 1: {' '.join(['H' if first[0] != 'H' else 'F'] + first[1:])}.")
+    assert captions.score(lake_rec, flipped) == (m * m - 1, m * m)
+    assert captions.score(lake_rec, "") == (0, m * m)

@@ -399,6 +399,13 @@ BUILDERS = {"qwen2_5_vl": _build_qwen2_5_vl, "qwen3_vl": _build_qwen3_vl,
             "llava_onevision": _build_llava_onevision, "gemma3": _build_gemma3}
 
 
+# The tiny base that sees (`vlatent pretrain-base`): wider and deeper than the unit tests' model, 112 px images as
+# 4x4 merged tokens (one per cell of a 4x4 maze or lake). Built random here, then pretrained on perception captions.
+SEEING_BASE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vision_hidden_size": 64, "vision_intermediate_size": 128, "vision_depth": 4,
+               "vision_num_heads": 4, "vision_fullatt_block_indexes": [1, 3]}
+
+
 def build_tiny_base(out_dir, family: str = "qwen2_5_vl", seed: int = 0, **overrides) -> Path:
     """Write a tiny random-weight base VLM + processor into out_dir (cached by the `vlatent_tiny.json` marker).
     ``family``: the HF model_type, one of `BUILDERS` (qwen2_5_vl, qwen3_vl, llava_onevision, gemma3)."""
@@ -414,6 +421,25 @@ def build_tiny_base(out_dir, family: str = "qwen2_5_vl", seed: int = 0, **overri
     BUILDERS[family](out_dir, seed, **overrides)
     marker.write_text(json.dumps(args, indent=2, sort_keys=True))
     return out_dir
+
+
+SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny_base"  # made by `vlatent pretrain-base`, see its vlatent_base.json
+
+
+def pretrained_base(out_dir=None) -> Path:
+    """The tiny base that sees: the copy shipped with vlatent when present, else ``out_dir`` (default
+    ``~/.cache/vlatent/tiny_base``), pretrained there on first use (`train/pretrain_base.py`, ~20 min on 2 cores)."""
+    for path in (SHIPPED_BASE, Path(out_dir or Path.home() / ".cache" / "vlatent" / "tiny_base")):
+        if (path / "vlatent_base.json").is_file() and (path / "model.safetensors").is_file():
+            return path
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "train" / "pretrain_base.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"no pretrained tiny base in {SHIPPED_BASE} or {path}, and no {script} to build one")
+    subprocess.run([sys.executable, str(script), "--out", str(path), "--overwrite"], check=True)
+    return path
 
 
 def build_tiny_model(out_dir, family: str = "qwen2_5_vl", method: str | None = "mirage", **overrides) -> Path:
