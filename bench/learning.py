@@ -1,6 +1,7 @@
-"""Does latent visual reasoning learn? Every arm of `train/recipes/learning/` trained from scratch on the same tiny
-backbone with the same number of examples seen, on four synthetic tasks, over several seeds; test accuracy, chance,
-and the intervention check (accuracy with the latents zeroed, swapped between examples, or replaced by noise).
+"""Does latent visual reasoning learn? Every arm of `train/recipes/learning/` fine-tuned from the same tiny base that
+sees (`vlatent pretrain-base`) with the same number of examples seen, on four synthetic tasks, over several seeds;
+test accuracy, accuracy on a test set built with a seed the bench never uses otherwise, chance, and the intervention
+check (accuracy with the latents zeroed, swapped between examples, or replaced by noise).
 
     python bench/learning.py --budget small                     # CPU, ~54 min on 2 cores -> bench/LEARNING.md
     python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
@@ -31,8 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train/ and eval/ are folders of the repository, not installed packages
 ARMS_DIR = ROOT / "train" / "recipes" / "learning"
-TASKS = {  # builder arguments: fixed question type and size per task
-    "maze": ["--size", "5", "--questions", "first_move"],
+TASKS = {  # builder arguments: fixed question type and size per task (4x4: one image token per cell)
+    "maze": ["--size", "4", "--questions", "first_move"],
     "vsp": ["--size", "4", "--questions", "safe"],
     "jigsaw": ["--grid", "2"],
     "depth": [],
@@ -40,12 +41,10 @@ TASKS = {  # builder arguments: fixed question type and size per task
 BUDGETS = {
     # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10);
     # val_examples: the first N of the val split score a tuning trial (None: all)
-    "small": {"n": 2000, "examples": 1600, "batch": 8, "val_examples": 100, "backbone": {},
-              "device_note": "2 CPU cores"},
-    "full": {"n": 20000, "examples": 128000, "batch": 32, "val_examples": None,
-             "backbone": {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 2048,
-                          "num_attention_heads": 8, "num_key_value_heads": 2}, "device_note": "one GPU"},
+    "small": {"n": 2000, "examples": 1600, "batch": 8, "val_examples": 100, "device_note": "2 CPU cores"},
+    "full": {"n": 8000, "examples": 12800, "batch": 16, "val_examples": None, "device_note": "2 CPU cores"},
 }
+FRESH_SEED = 20261205  # the unseen-seed test set per task (a tenth of the budget's n): a seed nothing else uses
 INTERVENTIONS = ("zero", "swap", "noise")
 STAGE_KEYS = ("method", "method_config", "share", "from", "teacher")  # the rest of a stage goes to its SFT recipe
 NOTES_MARK = "<!-- notes: written by hand below this line, kept when the report is rewritten -->"
@@ -67,12 +66,12 @@ def load_arm(name: str, arms_dir: Path = ARMS_DIR) -> dict:
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def build_task(task: str, root: Path, n: int) -> Path:
-    out = root / "data" / task
+def build_task(task: str, root: Path, n: int, seed: int = 0, split: str = "0.8,0.1,0.1", name: str = "data") -> Path:
+    out = root / name / task
     if not (out / "dataset_info.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "data_builders", task, "--out", str(out), "--n", str(n), "--seed", "0",
-                        "--split", "0.8,0.1,0.1", *TASKS[task]], check=True, cwd=ROOT, capture_output=True)
+        subprocess.run([sys.executable, "-m", "data_builders", task, "--out", str(out), "--n", str(n), "--seed",
+                        str(seed), "--split", split, *TASKS[task]], check=True, cwd=ROOT, capture_output=True)
     return out
 
 
@@ -189,7 +188,9 @@ def test_scores(model, job: dict, out: Path) -> dict:
     settings = eval_settings(job["arm"], job["task"])
     scores = evaluate(model, job["task"], job["data"], out / "eval_test", split="test", batch_size=16,
                       progress=False, **settings)
-    return {"accuracy": scores["overall"],
+    fresh = evaluate(model, job["task"], job["fresh"], out / "eval_fresh", split="test", batch_size=16,
+                     progress=False, **settings)
+    return {"accuracy": scores["overall"], "fresh_accuracy": fresh["overall"], "latent": settings["latent"],
             **intervention_scores(model, job["task"], job["data"], settings, job["seed"])}
 
 
@@ -197,6 +198,7 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     """Test accuracy with every latent zeroed, swapped with another example's, or replaced by same-norm noise, and
     the share of answers whose text changed, against the unmodified run ({} for an arm without latents)."""
     from eval.benchmarks import get_benchmark, judge, load_examples
+    from eval.run import latent_kwargs
     from vlatent.analysis import intervene
     from vlatent.analysis.intervene import next_with_latents
 
@@ -205,8 +207,7 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     bench = get_benchmark(task)
     examples = [ex for ex in load_examples(bench, data, "test") if ex.error is None]
     images, prompts = [ex.open_images() for ex in examples], [ex.prompt for ex in examples]
-    prefix = model.method.config.latent_start_token if settings["latent"] == "on" else None
-    kwargs = dict(max_new_tokens=settings["max_new_tokens"], prefix=prefix)
+    kwargs = dict(max_new_tokens=settings["max_new_tokens"], **latent_kwargs(model, settings["latent"]))
     chunks = [(a, min(a + 16, len(examples))) for a in range(0, len(examples), 16)]  # batches of 16
     baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
     scores = {"latent_rate": sum(bool(g.latent_segments) for g in baseline) / len(baseline), "interventions": {}}
@@ -243,6 +244,7 @@ def run_sketches(job: dict) -> dict:
     from PIL import Image, ImageDraw
 
     from eval.benchmarks import get_benchmark, load_examples
+    from eval.run import latent_kwargs
     from vlatent.data import load_records
     from vlatent.decoders import load_decoder
     from vlatent.model import LatentVLM
@@ -255,9 +257,8 @@ def run_sketches(job: dict) -> dict:
     n, steps, size = spec.get("examples", 8), spec.get("steps", 3), decoder.config.image_size
     examples = [ex for ex in load_examples(get_benchmark(job["task"]), data, "test") if ex.error is None][:n]
     records = {r["id"]: r for r in load_records(data / "test.jsonl")}
-    prefix = model.method.config.latent_start_token if job["latent"] == "on" else None
     gens = model.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples],
-                          max_new_tokens=job["max_new_tokens"], prefix=prefix)
+                          max_new_tokens=job["max_new_tokens"], **latent_kwargs(model, job["latent"]))
     label_h = 14
     sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples) * (size + 4)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -363,6 +364,15 @@ def chance(data: Path) -> tuple[float, float]:
     return 1 / len(counts), max(counts.values()) / len(answers)
 
 
+def base_info(path: str, kind: str, seconds: float) -> dict:
+    """What the arms start from, for the report: its kind, folder, held-out perception and the time it took here."""
+    info_file = Path(path) / "vlatent_base.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return {"kind": kind, "path": path, "seconds": round(seconds, 1),
+            "perception": info.get("perception_accuracy"), "pretrain_minutes": info.get("total_minutes"),
+            "config": info.get("config")}
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -383,19 +393,50 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
     tasks = sorted({r["task"] for r in results}, key=list(TASKS).index)
     every = [*results, *(r for rs in trials.values() for r in rs)]  # seed 0 at the chosen rate is in both
     jobs_run = {(r["name"], r["task"], r["seed"], r["lr"]): r for r in every}.values()
+    base = budget["base"]
+    start = ("the tiny base that sees (`vlatent pretrain-base`: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in (base["perception"] or {}).items()) + " of held-out cells read right)"
+             if base["kind"] != "random" else "random tiny bases (one per seed)")
     lines = ["# Learning benchmark", "",
              f"`python bench/learning.py --budget {args.budget}` ({budget['device_note']}, "
-             f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, "
-             f"tiny Qwen2.5-VL trained from scratch, vision tower included). Compute: "
-             f"{sum(r.get('total_s', 0) for r in jobs_run) / 60:.1f} job-minutes "
+             f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, every arm fine-tuned "
+             f"whole from {start}). Compute: {sum(r.get('total_s', 0) for r in jobs_run) / 60:.1f} job-minutes "
              f"incl. the learning-rate trials (jobs run {args.jobs} at a time; this invocation took "
              f"{wall_s / 60:.1f} min wall-clock, {reuse}).", "",
-             "Test accuracy, mean ± std over seeds. Chance: uniform over the answers that occur / always the most "
-             "frequent answer.", "",
+             f"Base: `{base['path']}`, {base['seconds']:.0f} s in this invocation"
+             + (f" (pretraining it took {base['pretrain_minutes']} min on 2 cores when it was built)"
+                if base["pretrain_minutes"] else "") + ".", "",
+             f"Tasks: {'; '.join(f'{t} `' + ' '.join(TASKS[t]) + '`' for t in tasks)} (`vlatent build-data TASK`, "
+             f"{budget['n']} examples, seed 0, 80/10/10 split).", "",
+             "Test accuracy, mean ± std over seeds; in brackets the same models on a test set built with a seed the "
+             f"bench never uses otherwise ({budget['fresh_n']} examples, seed {FRESH_SEED}). Chance: uniform over "
+             "the answers that occur / always the most frequent answer.", "",
              "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
              "| chance | " + " | ".join(f"{chances[t][0]:.2f} / {chances[t][1]:.2f}" for t in tasks) + " |"]
     for arm in arms:
-        cells = [mean_std([r["accuracy"] for r in ok if r["name"] == arm and r["task"] == t]) for t in tasks]
+        cells = []
+        for t in tasks:
+            rs = [r for r in ok if r["name"] == arm and r["task"] == t]
+            fresh = mean_std([r["fresh_accuracy"] for r in rs if "fresh_accuracy" in r])
+            cells.append(mean_std([r["accuracy"] for r in rs]) + (f" [{fresh}]" if rs and fresh != "—" else ""))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Latent arms against text chain of thought", "",
+              "Test accuracy of each latent arm minus `text_cot`'s on the same task (mean over seeds); \"clears\" "
+              "when the difference is larger than the standard deviation of both arms.", "",
+              "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for arm in arms:
+        if arm.startswith("text") or not any(r["interventions"] for r in ok if r["name"] == arm):
+            continue
+        cells = []
+        for t in tasks:
+            mine = [r["accuracy"] for r in ok if r["name"] == arm and r["task"] == t]
+            cot = [r["accuracy"] for r in ok if r["name"] == "text_cot" and r["task"] == t]
+            if not mine or not cot:
+                cells.append("—")
+                continue
+            diff = statistics.mean(mine) - statistics.mean(cot)
+            sd = max(statistics.stdev(x) if len(x) > 1 else 0.0 for x in (mine, cot))
+            cells.append(f"{diff:+.3f}" + (" (clears)" if abs(diff) > sd else ""))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "## Are the latents used?", "",
               "Accuracy of each latent arm's unmodified run against the same run with every latent replaced as it is "
@@ -419,7 +460,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
               f"({budget.get('val_examples') or 'all'} examples) kept (ties: the first listed) and only it scored "
               "on test; the other seeds at that rate. Job s: training, evaluation and interventions.", "",
               "| arm | task | examples seen | train s (mean) | job s (mean) | learning rate "
-              "| val accuracy per rate (seed 0) |", "|---|---|---|---|---|---|---|"]
+              "| val accuracy per rate (seed 0) | latent mode |", "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         for t in tasks:
             rs = [r for r in ok if r["name"] == arm and r["task"] == t]
@@ -428,7 +469,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                                 sorted(trials.get((arm, t), []), key=lambda r: -r["lr"]) if "val_accuracy" in r)
                 seconds = [statistics.mean(r[k] for r in rs) for k in ("train_s", "total_s")]
                 lines.append(f"| {arm} | {t} | {rs[0]['examples_seen']} | {seconds[0]:.0f} | {seconds[1]:.0f} "
-                             f"| {rs[0]['lr']:g} | {val or 'not tuned'} |")
+                             f"| {rs[0]['lr']:g} | {val or 'not tuned'} | {rs[0].get('latent', '—')} |")
     if sketches and "error" not in sketches:
         m = sketches["metrics"]
         lines += ["", f"## {sketches['name']}'s sketches ({sketches['task']}, seed {sketches['seed']})", "",
@@ -486,10 +527,18 @@ def reading(ok: list[dict], arms: list[str], tasks: list[str], chances: dict, bu
                 out.append(f"- {arm} on {t}: replacing its latents moves accuracy by up to {moved:.3f}, but the run "
                            "does not beat the majority answer: the latents steer the output without carrying the "
                            "answer.")
-    out.append(f"- Settings tried: {budget['examples']} examples seen per arm, batch {budget['batch']}, "
+    goals = {arm: sum(statistics.mean(r["accuracy"] for r in ok if r["name"] == arm and r["task"] == t)
+                      >= chances[t][1] + 0.15 for t in tasks if any(r["name"] == arm and r["task"] == t for r in ok))
+             for arm in arms}
+    out.append("- Beats the majority answer by 0.15 or more (mean test accuracy): "
+               + ", ".join(f"{arm} on {n} of {sum(any(r['name'] == arm and r['task'] == t for r in ok) for t in tasks)}"
+                           for arm, n in goals.items()) + ".")
+    base = budget["base"]
+    out.append(f"- Settings: {budget['examples']} examples seen per arm, batch {budget['batch']}, "
                f"{budget['n']} examples built per task (80% train), the learning rates of the cost table, cosine "
-               "schedule, the tiny backbone of `vlatent.testing` (hidden 64, 2 layers, random init"
-               + (f", {budget['backbone']}" if budget["backbone"] else "") + ") trained whole.")
+               "schedule, every arm trained whole from "
+               + (f"the pretrained tiny base ({base['config']})" if base["kind"] != "random" else
+                  "random tiny bases" + (f" ({budget['backbone']})" if budget["backbone"] else "")) + ".")
     return out
 
 
@@ -534,8 +583,12 @@ def main() -> int:
     ap.add_argument("--n", type=int, help="override the budget's examples built per task")
     ap.add_argument("--learning-rates", type=lambda s: [float(x) for x in s.split(",")],
                     help="override every arm's grid, e.g. 1e-3 (diagnostic runs)")
+    ap.add_argument("--base", default="pretrained",
+                    help="what every arm starts from: 'pretrained' (the tiny base that sees, vlatent.testing."
+                         "pretrained_base; built on first use), 'random' (vlatent.testing.build_tiny_base, random "
+                         "weights, one per seed; diagnostics) or a base model folder")
     ap.add_argument("--backbone", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override the tiny backbone (vlatent.testing.build_tiny_base), e.g. vision_depth=4")
+                    help="with --base random: override the tiny backbone, e.g. vision_depth=4")
     ap.add_argument("--out", default=str(ROOT / "runs" / "learning"))
     ap.add_argument("--report", default=str(ROOT / "bench" / "LEARNING.md"))
     args = ap.parse_args()
@@ -545,13 +598,14 @@ def main() -> int:
     mp = multiprocessing.get_context("forkserver")
     mp.set_forkserver_preload(PRELOAD)
 
-    from vlatent.testing import build_tiny_base
+    from vlatent.testing import build_tiny_base, pretrained_base
 
     t0 = time.time()
     budget, root, report = dict(BUDGETS[args.budget]), Path(args.out), Path(args.report)
     budget.update({k: v for k, v in (("examples", args.examples), ("n", args.n)) if v})
-    budget["backbone"] = {**budget["backbone"], **{k: yaml.safe_load(v) for k, v in
-                                                   (kv.split("=", 1) for kv in args.backbone)}}
+    budget["backbone"] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.backbone)}
+    if budget["backbone"] and args.base != "random":
+        raise SystemExit("error: --backbone overrides the random tiny backbone: use it with --base random")
     names = args.arms.split(",") if args.arms else sorted(p.stem for p in Path(args.arms_dir).glob("*.yaml"))
     arms = {name: load_arm(name, args.arms_dir) for name in names}
     if args.learning_rates:
@@ -562,7 +616,16 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"error: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     data = {t: build_task(t, root, budget["n"]) for t in tasks}
-    bases = {s: str(build_tiny_base(root / "bases" / f"seed{s}", seed=s, **budget["backbone"])) for s in args.seeds}
+    budget["fresh_n"] = max(10, budget["n"] // 10)
+    fresh = {t: build_task(t, root, budget["fresh_n"], seed=FRESH_SEED, split="0,0,1", name="fresh") for t in tasks}
+    base_t0 = time.time()
+    if args.base == "random":
+        bases = {s: str(build_tiny_base(root / "bases" / f"seed{s}", seed=s, **budget["backbone"]))
+                 for s in args.seeds}
+    else:
+        base = pretrained_base() if args.base == "pretrained" else Path(args.base)
+        bases = {s: str(base) for s in args.seeds}
+    budget["base"] = base_info(bases[args.seeds[0]], args.base, time.time() - base_t0)
     pairs = [(name, t) for name, arm in arms.items() for t in tasks if t in arm["tasks"]]
     for name, t in pairs:
         prepare(arms[name], data[t])
@@ -572,8 +635,8 @@ def main() -> int:
         trial = args.tune and seed == args.seeds[0]  # scored on val; on test once val picks it
         return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "budget": budget,
                 "split": "val" if trial else "test",
-                "data": str(data[task]), "base": bases[seed], "out": str(root / "runs" / name / task / f"seed{seed}"
-                                                                        / f"lr{lr:g}"),
+                "data": str(data[task]), "fresh": str(fresh[task]), "base": bases[seed],
+                "out": str(root / "runs" / name / task / f"seed{seed}" / f"lr{lr:g}"),
                 "cost": arms[name].get("cost", 1) * TASK_COST.get(task, 1)}
 
     trials, chosen = {}, {}
@@ -596,7 +659,8 @@ def main() -> int:
         more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]]
         if args.tune:
             more.append({"kind": "test", **{k: best[k] for k in ("name", "task", "seed", "lr")},
-                         "arm": arms[key[0]], "data": str(data[key[1]]), "model": best["stages"][-1],
+                         "arm": arms[key[0]], "data": str(data[key[1]]), "fresh": str(fresh[key[1]]),
+                         "model": best["stages"][-1],
                          "cost": arms[key[0]].get("cost", 1) * TASK_COST.get(key[1], 1) / 4,
                          "out": str(Path(best["stages"][-1]).parent / "test")})
         figure = arms[key[0]].get("figure")
@@ -620,7 +684,8 @@ def main() -> int:
             trial["error"] = extra["error"]
             continue
         trial["total_s"] += extra["total_s"]
-        trial.update({k: extra[k] for k in ("accuracy", "interventions", "latent_rate") if k in extra})
+        trial.update({k: extra[k] for k in ("accuracy", "fresh_accuracy", "latent", "interventions", "latent_rate")
+                      if k in extra})
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
     write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
                  time.time() - t0, reused(done))

@@ -125,7 +125,8 @@ def draw(p: Picture) -> tuple[Image.Image, str, dict]:
         image, _, _ = maze.draw(maze.Maze(size, list(cells), start, goal, "", "", ""))
         rows = ["; ".join(" ".join(s for s in SIDES if cell & maze.BIT[s]) or "closed"
                           for cell in cells[r * size:(r + 1) * size]) for r in range(size)]
-        caption = (f"The start is at {cell_text(*divmod(start, size))}. The goal is at {cell_text(*divmod(goal, size))}. "
+        caption = (f"The start is at {cell_text(*divmod(start, size))}. "
+                   f"The goal is at {cell_text(*divmod(goal, size))}. "
                    + " ".join(f"Row {r + 1}: {row}." for r, row in enumerate(rows)))
         return image, caption, {"size": size, "cells": list(cells), "start": start, "goal": goal}
     if p.kind == "vsp":
@@ -137,10 +138,12 @@ def draw(p: Picture) -> tuple[Image.Image, str, dict]:
         things, points = p.data
         image, ids = depth.draw_scene(things)
         depth.mark(image, points)
-        objects = [f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.kind} at {cell_text(*grid_cell(t.x, t.box()[3]))}" for t in things]
+        objects = [f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.kind} at "
+                   f"{cell_text(*grid_cell(t.x, t.box()[3]))}" for t in things]
         where = {label: (surface(things, ids, pt), grid_cell(*pt)) for label, pt in zip("AB", points)}
         caption = (f"Objects, far to near: {', '.join(objects)}. "
-                   + " ".join(f"Point {label} is on {what} at {cell_text(*rc)}." for label, (what, rc) in where.items()))
+                   + " ".join(f"Point {label} is on {what} at {cell_text(*rc)}."
+                              for label, (what, rc) in where.items()))
         return image, caption, {"points": {k: [w, list(rc)] for k, (w, rc) in where.items()}}
     grid, seed, missing = p.data
     picture = jigsaw.paint(seed)

@@ -10,8 +10,9 @@ their norms. "Intervene" reruns the question with the latents zeroed, swapped or
 (``vlatent.analysis.intervene``); "Compare" also runs with latent reasoning off.
 
 Defaults: ``--model`` is the quick start's trained Mirage model, ``runs/quickstart/mirage_stage2`` (what
-``vlatent quickstart`` writes from the current folder), else a freshly built tiny model with random weights (the
-page says which). ``--examples`` is the quick start's maze data, else a small maze set built into the cache. A
+``vlatent quickstart`` writes from the current folder), else the same model in the demo's cache, where the quick
+start runs once on first use (the page says which). ``--examples`` is the quick start's maze data, else a small maze
+set built into the cache. A
 decoder is read from ``--decoder`` or the checkpoint's ``decoder/`` folder.
 
 ``build_demo(model, ...)`` returns the ``gr.Blocks`` for embedding; ``launch`` serves it (queue on, 127.0.0.1,
@@ -46,7 +47,7 @@ from vlatent.decoders import image_patch_features, inspect_latents, load_decoder
 from vlatent.decoders.inspect import embedding_norm
 from vlatent.generation import Generation, GenerationStream, LatentSegment, TextSegment, generate
 from vlatent.model import LatentVLM
-from vlatent.testing import build_tiny_model, tiny_image
+from vlatent.testing import tiny_image
 
 log = logging.getLogger("vlatent.demo")
 
@@ -466,17 +467,22 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs)
 
 
 def load_model(path: str | os.PathLike | None = None) -> tuple[LatentVLM, str, Path]:
-    """(model, a line saying what it is, its folder): ``path``, else the quick start's model, else a tiny one."""
+    """(model, a line saying what it is, its folder): ``path``, else the quick start's trained Mirage model (from the
+    current folder's ``runs/quickstart``, else the demo's cache, where the quick start is run on first use)."""
     if path is not None:
         return LatentVLM.from_pretrained(path).eval(), f"Model: `{path}`.", Path(path)
-    if (DEFAULT_MODEL / "config.json").is_file():
-        return LatentVLM.from_pretrained(DEFAULT_MODEL).eval(), f"Model: `{DEFAULT_MODEL}` (the quick start's).", \
-            DEFAULT_MODEL
-    tiny = build_tiny_model(CACHE / "tiny-mirage", method="mirage")
-    note = (f"No trained model at `{DEFAULT_MODEL}` (run `vlatent quickstart`, or pass `--model`): this is a "
-            f"**freshly built tiny Mirage model with random weights** (`{tiny}`), so its words are noise; the "
-            "latent views still show the real machinery.")
-    return LatentVLM.from_pretrained(tiny).eval(), note, tiny
+    cached = CACHE / "quickstart" / DEFAULT_MODEL.name
+    for folder in (DEFAULT_MODEL, cached):
+        if (folder / "config.json").is_file():
+            return LatentVLM.from_pretrained(folder).eval(), f"Model: `{folder}` (the quick start's Mirage).", folder
+    from vlatent.cli import main as vlatent_main
+
+    print(f"No trained model at {DEFAULT_MODEL}: training the quick start's Mirage model into {cached.parent} "
+          "(once, a few minutes on a laptop CPU)", flush=True)
+    if vlatent_main(["quickstart", "--out", str(cached.parent)]):
+        raise RuntimeError(f"the quick start failed, so there is no trained model to show: see {cached.parent}")
+    return LatentVLM.from_pretrained(cached).eval(), f"Model: `{cached}` (the quick start's Mirage, trained on first " \
+        "use).", cached
 
 
 def find_decoder(model_dir: Path | None, decoder: str | os.PathLike | None, model: LatentVLM | None = None):
@@ -499,6 +505,8 @@ def load_examples(data: str | os.PathLike | None = None, split: str = "test", li
     built into the cache."""
     root = Path(data) if data is not None else DEFAULT_EXAMPLES
     if data is None and not (root / "dataset_info.json").is_file():
+        root = CACHE / "quickstart" / "data"
+    if data is None and not (root / "dataset_info.json").is_file():
         root = CACHE / "maze"
         if not (root / "dataset_info.json").is_file():
             from data_builders.__main__ import main as build_data  # the demo runs from the source checkout
@@ -519,7 +527,8 @@ def load_examples(data: str | os.PathLike | None = None, split: str = "test", li
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlatent demo", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default=None,
-                        help=f"LatentVLM checkpoint (default: {DEFAULT_MODEL} if it exists, else a tiny model)")
+                        help=f"LatentVLM checkpoint (default: {DEFAULT_MODEL} if it exists, else the quick start's "
+                             "Mirage model in the cache, trained there on first use)")
     parser.add_argument("--examples", default=None,
                         help=f"a built dataset folder to take examples from (default: {DEFAULT_EXAMPLES} if it "
                              "exists, else a small maze set)")

@@ -1,0 +1,63 @@
+"""The tiny base that sees: the shipped copy loads as a plain HF base and reads pictures it never saw; the
+pretraining command runs end to end and is deterministic for a seed."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_builders import captions  # noqa: E402
+from vlatent.data import load_records  # noqa: E402
+from vlatent.model import LatentVLM  # noqa: E402
+from vlatent.testing import SHIPPED_BASE, pretrained_base  # noqa: E402
+
+
+def test_shipped_base_is_recorded_and_is_what_pretrained_base_returns():
+    info = json.loads((SHIPPED_BASE / "vlatent_base.json").read_text())
+    assert info["command"].startswith("vlatent pretrain-base") and isinstance(info["seed"], int)
+    assert len(info["commit"]) == 40 and min(info["perception_accuracy"].values()) > 0
+    assert not (SHIPPED_BASE / "vlatent_config.json").exists(), "a plain HF base, not a vlatent checkpoint"
+    assert sum(p.stat().st_size for p in SHIPPED_BASE.iterdir()) < 20 * 2**20
+    assert pretrained_base() == SHIPPED_BASE
+
+
+def test_shipped_base_reads_unseen_mazes_and_lakes_cell_by_cell(tmp_path):
+    """Pictures drawn now with a seed pretraining never used: most cells must be read back right (a random base reads
+    none: the caption format alone scores 0)."""
+    assert captions.main(["--out", str(tmp_path / "c"), "--n", "12", "--seed", "424242", "--kinds", "maze,vsp",
+                          "--size", "4", "--split", "0,0,1"]) == 0
+    records = load_records(tmp_path / "c", split="test")
+    model = LatentVLM.from_pretrained(SHIPPED_BASE, method="text").eval()
+    gens = model.generate([[Image.open(r["images"][0])] for r in records],
+                          [r["messages"][0]["content"][-1]["text"] for r in records], max_new_tokens=160)
+    right = total = 0
+    for r, g in zip(records, gens):
+        ok, n = captions.score(r, g.text)
+        right, total = right + ok, total + n
+    assert total == 6 * (16 + 2) + 6 * 16
+    assert right / total >= 0.9, [g.text for g in gens[:2]]
+
+
+@pytest.mark.slow
+def test_pretrain_base_end_to_end_and_deterministic(tmp_path):
+    from train.pretrain_base import main
+
+    for name in ("a", "b"):
+        assert main(["--out", str(tmp_path / name), "--steps", "3", "--batch", "4", "--n", "40",
+                     "--held-out", "2"]) == 0
+    info = json.loads((tmp_path / "a" / "vlatent_base.json").read_text())
+    assert info["steps"] == 3 and set(info["perception_accuracy"]) <= set(captions.KINDS)
+    assert (tmp_path / "a" / "loss_curve.png").is_file() and not (tmp_path / "a" / "vlatent_config.json").exists()
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    init = load_file(tmp_path / "a" / "run" / "init" / "model.safetensors")
+    assert any((a[k] != init[k]).any() for k in a), "training changed the weights"
+    model = LatentVLM.from_pretrained(tmp_path / "a", method="mirage")  # loads like any base VLM
+    assert model.method.name == "mirage"
+    assert main(["--out", str(tmp_path / "a")]) == 2  # never overwrites a base unless told
