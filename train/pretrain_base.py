@@ -90,7 +90,8 @@ def main(argv=None) -> int:
               "data": {"train": str(data / "train.jsonl")},
               "training": {"output_dir": str(work / "sft"), "per_device_train_batch_size": args.batch,
                            "learning_rate": args.lr, "max_steps": args.steps, "warmup_steps": args.steps // 30,
-                           "lr_scheduler_type": "cosine", "weight_decay": 0.01, "logging_steps": max(1, args.steps // 100),
+                           "lr_scheduler_type": "cosine", "weight_decay": 0.01,
+                           "logging_steps": max(1, args.steps // 100),
                            "seed": args.seed, "data_seed": args.seed, "dataloader_num_workers": 1}}
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     from train.sft import main as sft

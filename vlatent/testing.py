@@ -423,7 +423,7 @@ def build_tiny_base(out_dir, family: str = "qwen2_5_vl", seed: int = 0, **overri
     return out_dir
 
 
-SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny_base"  # made by `vlatent pretrain-base`, see its vlatent_base.json
+SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny_base"  # by `vlatent pretrain-base`: see its vlatent_base.json
 
 
 def pretrained_base(out_dir=None) -> Path:
