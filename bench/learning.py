@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train/ and eval/ are folders of the repository, not installed packages
 ARMS_DIR = ROOT / "train" / "recipes" / "learning"
 TASKS = {  # builder arguments: fixed question type and size per task (4x4: one image token per cell)
-    "maze": ["--size", "4", "--questions", "first_move"],
+    "maze": ["--size", "4", "--questions", "first_move", "--wall", "6"],
     "vsp": ["--size", "4", "--questions", "safe"],
     "jigsaw": ["--grid", "2"],
     "depth": [],
@@ -48,7 +48,7 @@ FRESH_SEED = 20261205  # the unseen-seed test set per task (a tenth of the budge
 INTERVENTIONS = ("zero", "swap", "noise")
 STAGE_KEYS = ("method", "method_config", "share", "from", "teacher")  # the rest of a stage goes to its SFT recipe
 NOTES_MARK = "<!-- notes: written by hand below this line, kept when the report is rewritten -->"
-TASK_COST = {"maze": 4}  # relative job time (a 5x5 maze record traces ~6 latent steps), for scheduling
+TASK_COST = {"maze": 2}  # relative job time (a 4x4 maze record traces ~4 latent steps), for scheduling
 # imported once by the server every job's process is forked from (~7 s a job otherwise)
 PRELOAD = ["__main__", "torch", "transformers", "train.sft", "eval.run", "vlatent.analysis", "vlatent.model"]
 

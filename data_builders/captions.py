@@ -24,6 +24,7 @@ VERSION = 1
 KINDS = ("maze", "vsp", "depth", "jigsaw")
 SIDES = ("up", "down", "left", "right")  # a maze cell's open sides, in this order
 SYMBOLS = {vsp.START: "S", vsp.GOAL: "G", vsp.HOLE: "H", vsp.ICE: "F"}  # FrozenLake's letters
+SHARE = {"maze": 3}  # examples per cycle of the kinds: thin maze walls are the slowest thing to learn to see
 GRID = 4  # depth scenes are described on a GRID x GRID grid of the picture
 PROMPTS = {
     "maze": "Read the maze: where are the start and the goal, and which sides of each cell are open?",
@@ -82,7 +83,7 @@ def lake(rng, size: int) -> list[list[int]] | None:
              else vsp.ICE for c in range(size)] for r in range(size)]
 
 
-def sample(rng, target, sizes: tuple[int, int]) -> Picture | None:
+def sample(rng, target, sizes: tuple[int, int], walls: tuple[int, int]) -> Picture | None:
     kind = target[0]
     if kind == "maze":
         size = rng.randint(*sizes)
@@ -90,7 +91,7 @@ def sample(rng, target, sizes: tuple[int, int]) -> Picture | None:
         if cells is None:
             return None
         start, goal = rng.sample(range(size * size), 2)
-        return Picture(kind, (size, tuple(cells), start, goal))
+        return Picture(kind, (size, tuple(cells), start, goal, rng.randint(*walls)))
     if kind == "vsp":
         return Picture(kind, tuple(map(tuple, lake(rng, rng.randint(*sizes)))))
     if kind == "depth":
@@ -121,8 +122,8 @@ def surface(things, ids: Image.Image, point) -> str:
 def draw(p: Picture) -> tuple[Image.Image, str, dict]:
     """The picture (drawn by its task builder's code), its caption, and what the caption says as data."""
     if p.kind == "maze":
-        size, cells, start, goal = p.data
-        image, _, _ = maze.draw(maze.Maze(size, list(cells), start, goal, "", "", ""))
+        size, cells, start, goal, wall = p.data
+        image, _, _ = maze.draw(maze.Maze(size, list(cells), start, goal, "", "", ""), wall)
         rows = ["; ".join(" ".join(s for s in SIDES if cell & maze.BIT[s]) or "closed"
                           for cell in cells[r * size:(r + 1) * size]) for r in range(size)]
         caption = (f"The start is at {cell_text(*divmod(start, size))}. "
@@ -139,9 +140,9 @@ def draw(p: Picture) -> tuple[Image.Image, str, dict]:
         image, ids = depth.draw_scene(things)
         depth.mark(image, points)
         objects = [f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.kind} at "
-                   f"{cell_text(*grid_cell(t.x, t.box()[3]))}" for t in things]
+                   f"{cell_text(*grid_cell(t.x, t.box()[3]))}" for t in sorted(things, key=lambda t: t.x)]
         where = {label: (surface(things, ids, pt), grid_cell(*pt)) for label, pt in zip("AB", points)}
-        caption = (f"Objects, far to near: {', '.join(objects)}. "
+        caption = (f"Objects, left to right: {', '.join(objects)}. "
                    + " ".join(f"Point {label} is on {what} at {cell_text(*rc)}."
                               for label, (what, rc) in where.items()))
         return image, caption, {"points": {k: [w, list(rc)] for k, (w, rc) in where.items()}}
@@ -177,15 +178,17 @@ def score(record: dict, text: str) -> tuple[int, int]:
 def parser():
     p = common.synthetic_parser("captions", __doc__)
     p.add_argument("--kinds", type=common.choices_list(KINDS), default=",".join(KINDS),
-                   help="picture kinds, comma-separated (examples cycle through them)")
-    p.add_argument("--size", type=common.int_range(3, 6), default="3-5", metavar="N|MIN-MAX",
+                   help="picture kinds, comma-separated (examples cycle through them, mazes 3 times as often)")
+    p.add_argument("--size", type=common.int_range(3, 6), default="4", metavar="N|MIN-MAX",
                    help="maze and lake side in cells")
+    p.add_argument("--wall", type=common.int_range(1, 8), default="2-8", metavar="PX|MIN-MAX",
+                   help="maze wall width in pixels (the maze builder's default is 2)")
     return p
 
 
 def build(args) -> None:
-    targets = [(kind, "") for kind in args.kinds]
-    common.synthesize(args, "captions", VERSION, targets, lambda rng, t: sample(rng, t, args.size), render)
+    targets = [(kind, "") for kind in args.kinds for _ in range(SHARE.get(kind, 1))]
+    common.synthesize(args, "captions", VERSION, targets, lambda rng, t: sample(rng, t, args.size, args.wall), render)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,8 +202,8 @@ def center(r: int, c: int, cell: int, pad: int) -> tuple[int, int]:
     return pad + c * cell + cell // 2, pad + r * cell + cell // 2
 
 
-def draw(m: Maze) -> tuple[Image.Image, int, int]:
-    """The maze image, its cell size in pixels and margin."""
+def draw(m: Maze, wall: int = 2) -> tuple[Image.Image, int, int]:
+    """The maze image (walls ``wall`` pixels wide), its cell size in pixels and margin."""
     cell = 160 // m.size
     pad = 8
     side = cell * m.size + 2 * pad
@@ -219,15 +219,15 @@ def draw(m: Maze) -> tuple[Image.Image, int, int]:
         r, c = divmod(idx, m.size)
         x, y = pad + c * cell, pad + r * cell
         if not sides & BIT["up"]:
-            d.line([x, y, x + cell, y], fill=WALL, width=2)
+            d.line([x, y, x + cell, y], fill=WALL, width=wall)
         if not sides & BIT["left"]:
-            d.line([x, y, x, y + cell], fill=WALL, width=2)
-    d.line([pad, side - pad, side - pad, side - pad, side - pad, pad], fill=WALL, width=2)
+            d.line([x, y, x, y + cell], fill=WALL, width=wall)
+    d.line([pad, side - pad, side - pad, side - pad, side - pad, pad], fill=WALL, width=wall)
     return im, cell, pad
 
 
-def render(m: Maze, rid: str, writer: common.DatasetWriter) -> dict:
-    base, cell, pad = draw(m)
+def render(m: Maze, rid: str, writer: common.DatasetWriter, wall: int = 2) -> dict:
+    base, cell, pad = draw(m, wall)
     images = [writer.save(base, rid)]
     rs, cs = divmod(m.start, m.size)
     rg, cg = divmod(m.goal, m.size)
@@ -278,13 +278,16 @@ def parser():
     p = common.synthetic_parser("maze", __doc__)
     p.add_argument("--size", type=common.int_range(3, 8), default="5", metavar="N|MIN-MAX",
                    help="maze side in cells, 3 to 8 (a range draws one per maze)")
+    p.add_argument("--wall", type=int, choices=range(1, 9), default=2, metavar="PX",
+                   help="wall width in pixels (thicker walls survive a model's downscaling of the picture)")
     p.add_argument("--questions", type=common.choices_list(QUESTIONS), default=",".join(QUESTIONS),
                    help="question types, comma-separated")
     return p
 
 
 def build(args) -> None:
-    common.synthesize(args, "maze", VERSION, targets(args), lambda rng, t: sample(rng, t, args.size), render)
+    common.synthesize(args, "maze", VERSION, targets(args), lambda rng, t: sample(rng, t, args.size),
+                      lambda m, rid, writer: render(m, rid, writer, args.wall))
 
 
 def main(argv: list[str] | None = None) -> int:

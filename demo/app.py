@@ -512,7 +512,7 @@ def load_examples(data: str | os.PathLike | None = None, split: str = "test", li
             from data_builders.__main__ import main as build_data  # the demo runs from the source checkout
 
             root.parent.mkdir(parents=True, exist_ok=True)
-            if build_data(["maze", "--out", str(root), "--n", "40", "--size", "4", "--seed", "0"]):
+            if build_data(["maze", "--out", str(root), "--n", "40", "--size", "4", "--wall", "6", "--seed", "0"]):
                 raise RuntimeError(f"could not build the example maze set in {root}")
     examples = []
     for rec in load_records(root, split=split)[:limit]:

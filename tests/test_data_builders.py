@@ -490,9 +490,9 @@ def test_command_line_entry_points(tmp_path, capsys):
 def test_captions_describe_pictures_no_task_builder_draws(tmp_path):
     from data_builders import captions
 
-    assert main(["captions", "--out", str(tmp_path / "c"), "--n", "80", "--seed", "5"]) == 0
+    assert main(["captions", "--out", str(tmp_path / "c"), "--n", "60", "--seed", "5"]) == 0
     records = [r for s in SPLITS for r in load_records(tmp_path / "c", split=s)]
-    assert Counter(r["meta"]["kind"] for r in records) == {"maze": 20, "vsp": 20, "depth": 20, "jigsaw": 20}
+    assert Counter(r["meta"]["kind"] for r in records) == {"maze": 30, "vsp": 10, "depth": 10, "jigsaw": 10}
     for r in records:
         assert len(r["images"]) == 1 and not latents(r) and "answer is" not in assistant_text(r)
         assert assistant_text(r) == r["answer"]
@@ -528,7 +528,8 @@ def test_caption_score_counts_cells_read_right(tmp_path):
     from data_builders import captions
 
     assert main(["captions", "--out", str(tmp_path / "c"), "--n", "8", "--seed", "1", "--kinds", "maze,vsp"]) == 0
-    maze_rec, lake_rec = load_records(tmp_path / "c", split="train")[:2]
+    records = load_records(tmp_path / "c", split="train")
+    maze_rec, lake_rec = (next(r for r in records if r["meta"]["kind"] == k) for k in ("maze", "vsp"))
     n = maze_rec["meta"]["size"]
     assert captions.score(maze_rec, maze_rec["answer"]) == (n * n + 2, n * n + 2)  # every cell, start and goal
     wrong = maze_rec["answer"].replace("Row 1: ", "Row 1: up down left right; ", 1)  # shifts row 1 by one cell
@@ -541,3 +542,15 @@ def test_caption_score_counts_cells_read_right(tmp_path):
                                          f"Row 1: {' '.join(['H' if first[0] != 'H' else 'F'] + first[1:])}.")
     assert captions.score(lake_rec, flipped) == (m * m - 1, m * m)
     assert captions.score(lake_rec, "") == (0, m * m)
+
+
+def test_maze_wall_width_option_draws_the_same_mazes_thicker(tmp_path):
+    assert build("maze", tmp_path / "thin", "--size", "4", n=6) == 0
+    assert build("maze", tmp_path / "thick", "--size", "4", "--wall", "4", n=6) == 0
+    thin, thick = (load_records(tmp_path / k, split="train")[0] for k in ("thin", "thick"))
+    assert thin["meta"]["cells"] == thick["meta"]["cells"] and thin["answer"] == thick["answer"]
+
+    def dark(record):  # wall pixels: the wall colour (30, 30, 30)
+        return sum(1 for p in Image.open(record["images"][0]).convert("RGB").getdata() if p == (30, 30, 30))
+
+    assert dark(thick) > 1.6 * dark(thin)

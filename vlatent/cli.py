@@ -40,7 +40,7 @@ QUICKSTART_ARMS = [  # (name, recipe, model it starts from); mirage stage 2 cont
     ("mirage_stage2", "mirage_stage2.yaml", "mirage_stage1"),
     ("text_sft", "text_sft.yaml", "base"),
 ]
-QUICKSTART_MAZE = ["--size", "4", "--questions", "first_move"]
+QUICKSTART_MAZE = ["--size", "4", "--questions", "first_move", "--wall", "6"]  # thick walls: legible at 112 px
 FRESH_SEED = 20261205  # the quick start's second test set: a seed its training data never used
 
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the Gradio app: vlatent demo --model PATH [--host 127.0.0.1 --port 7860]")
     q = sub.add_parser("quickstart", help="run the main job on the built-in tiny default")
     q.add_argument("--out", default="runs/quickstart", help="where the data, models, evaluations and report go")
-    q.add_argument("--n", type=int, default=320, help="maze examples to build (80/10/10 split)")
+    q.add_argument("--n", type=int, default=800, help="maze examples to build (80/10/10 split)")
     q.add_argument("--max-new-tokens", type=int, default=96)
     q.add_argument("--max-steps", type=int, default=None, help="override every arm's training steps (smoke runs)")
     q.set_defaults(fn=cmd_quickstart)

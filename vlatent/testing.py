@@ -399,7 +399,7 @@ BUILDERS = {"qwen2_5_vl": _build_qwen2_5_vl, "qwen3_vl": _build_qwen3_vl,
             "llava_onevision": _build_llava_onevision, "gemma3": _build_gemma3}
 
 
-# The tiny base that sees (`vlatent pretrain-base`): wider and deeper than the unit tests' model, 112 px images as
+# The tiny base that sees (`vlatent pretrain-base`): wider and deeper than the unit tests' model, 112 px pictures as
 # 4x4 merged tokens (one per cell of a 4x4 maze or lake). Built random here, then pretrained on perception captions.
 SEEING_BASE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vision_hidden_size": 64, "vision_intermediate_size": 128, "vision_depth": 4,
