@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))  # train/ and eval/ are folders of the repository,
 ARMS_DIR = ROOT / "train" / "recipes" / "learning"
 TASKS = {  # builder arguments: fixed question type and size per task (4x4: one image token per cell)
     "maze": ["--size", "4", "--questions", "first_move", "--wall", "6"],
-    "vsp": ["--size", "4", "--questions", "safe"],
+    "vsp": ["--size", "4", "--questions", "safe", "--length", "2-3"],
     "jigsaw": ["--grid", "2"],
     "depth": [],
 }

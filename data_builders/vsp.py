@@ -144,14 +144,16 @@ def targets(args) -> list[tuple[str, str]]:
     return common.cycle_targets({q: answers[q] for q in args.questions})
 
 
-def sample(rng, target, size_range) -> Problem | None:
+def sample(rng, target, size_range, length=None) -> Problem | None:
+    """A problem whose question ``target[0]`` has the answer ``target[1]``; ``length``: (min, max) actions of a "safe"
+    question's sequence (default: 2 to twice the map side)."""
     qtype, answer = target
     map_desc = random_map(rng, rng.randint(*size_range))
     right = shortest_route(rng, map_desc)
     if right is None or len(right) < 2:
         return None
     if qtype == "safe":
-        actions = walk_sequence(rng, map_desc, rng.randint(2, 2 * len(map_desc)))
+        actions = walk_sequence(rng, map_desc, rng.randint(*(length or (2, 2 * len(map_desc)))))
         if (simulate(map_desc, actions) in ("goal", "stopped")) != (answer == "yes") or len(actions) < 2:
             return None
         question = f"{INTRO} Is the action sequence {','.join(actions)} safe? Answer yes or no."
@@ -246,13 +248,15 @@ def parser():
     p = common.synthetic_parser("vsp", __doc__)
     p.add_argument("--size", type=common.int_range(3, 8), default="3-6", metavar="N|MIN-MAX",
                    help="map side in cells, 3 to 8 (a range draws one per map)")
+    p.add_argument("--length", type=common.int_range(2, 16), default=None, metavar="N|MIN-MAX",
+                   help="actions in a 'safe' question's sequence (default: 2 to twice the map side)")
     p.add_argument("--questions", type=common.choices_list(QUESTIONS), default=",".join(QUESTIONS),
                    help="question types, comma-separated")
     return p
 
 
 def build(args) -> None:
-    common.synthesize(args, "vsp", VERSION, targets(args), lambda rng, t: sample(rng, t, args.size), render)
+    common.synthesize(args, "vsp", VERSION, targets(args), lambda rng, t: sample(rng, t, args.size, args.length), render)
 
 
 def main(argv: list[str] | None = None) -> int:
