@@ -554,3 +554,12 @@ def test_maze_wall_width_option_draws_the_same_mazes_thicker(tmp_path):
         return sum(1 for p in Image.open(record["images"][0]).convert("RGB").getdata() if p == (30, 30, 30))
 
     assert dark(thick) > 1.6 * dark(thin)
+
+
+def test_vsp_length_option_bounds_the_safe_questions_sequence(tmp_path):
+    assert build("vsp", tmp_path / "v", "--size", "4", "--questions", "safe", "--length", "2-3", n=16) == 0
+    for r in load_records(tmp_path / "v", split="train"):
+        actions = user_text(r).split("Is the action sequence ")[1].split(" safe?")[0].split(",")
+        # a failing walk may run on for up to 2 actions after it fails
+        assert 2 <= len(actions) <= 3 + 2 and (len(actions) <= 3 or vsp.simulate(r["meta"]["map_desc"],
+                                                                               actions[:3]) in ("hole", "off-grid"))
