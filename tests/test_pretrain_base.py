@@ -28,8 +28,8 @@ def test_shipped_base_is_recorded_and_is_what_pretrained_base_returns():
 
 
 def test_shipped_base_reads_unseen_mazes_and_lakes_cell_by_cell(tmp_path):
-    """Pictures drawn now with a seed pretraining never used: most cells must be read back right (a random base reads
-    none: the caption format alone scores 0)."""
+    """Pictures drawn now with a seed pretraining never used: most cells must be read back right (a base that has not
+    learned to see walls writes its caption prior, "all sides open", and reads 0.2-0.3 of maze cells)."""
     assert captions.main(["--out", str(tmp_path / "c"), "--n", "12", "--seed", "424242", "--kinds", "maze,vsp",
                           "--size", "4", "--split", "0,0,1"]) == 0
     records = load_records(tmp_path / "c", split="test")
@@ -40,7 +40,8 @@ def test_shipped_base_reads_unseen_mazes_and_lakes_cell_by_cell(tmp_path):
     for r, g in zip(records, gens):
         ok, n = captions.score(r, g.text)
         right, total = right + ok, total + n
-    assert total == 6 * (16 + 2) + 6 * 16
+    mazes = sum(r["meta"]["kind"] == "maze" for r in records)
+    assert total == mazes * (16 + 2) + (len(records) - mazes) * 16  # 4x4: every cell, plus a maze's start and goal
     assert right / total >= 0.9, [g.text for g in gens[:2]]
 
 
