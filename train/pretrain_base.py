@@ -6,8 +6,8 @@ every method loads like `Qwen/Qwen2.5-VL-7B-Instruct`.
     python train/pretrain_base.py --out runs/base --steps 400 --n 4000    # a quick, weaker one
 
 Writes DIR/ (model.safetensors, processor, `vlatent_base.json`: the command, seed, commit, wall time and held-out
-perception accuracy), DIR/loss_curve.png and DIR/perception.json (per-kind held-out accuracy). Same seed, same
-weights. The training run (recipe, log history) stays in DIR/run/ unless --clean.
+perception accuracy per picture kind) and DIR/loss_curve.png. Same seed, same weights. The training run (captions,
+recipe, log history) stays in DIR/run/.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from vlatent.testing import SEEING_BASE, build_tiny_base  # noqa: E402
 
 
 def commit() -> str:
+    """The checkout's commit, with "+dirty" when its tracked files have changes (the code is then not that commit's)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        return git("rev-parse", "HEAD").strip() + ("+dirty" if git("status", "--porcelain", "-uno").strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

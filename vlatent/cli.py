@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import platform
 import sys
 from importlib import metadata
@@ -103,7 +104,6 @@ def cmd_quickstart(args) -> int:
 
 def _majority(path: Path) -> float:
     """Accuracy of always giving the most frequent answer of a split file."""
-    import json
     from collections import Counter
 
     answers = [json.loads(line)["answer"] for line in path.read_text().splitlines() if line.strip()]
@@ -112,8 +112,8 @@ def _majority(path: Path) -> float:
 
 def _quickstart_report(out: Path, base: Path, results: dict, minutes: dict) -> Path:
     """report.md: accuracy against the majority answer on both test sets, loss curves, a few example traces."""
-    import json
-
+    predictions = {name: [json.loads(line) for line in (out / "eval" / name / "predictions.jsonl").read_text()
+                          .splitlines() if line] for name in results}
     majority = {which: _majority(out / folder / "test.jsonl") for which, folder in (("test", "data"),
                                                                                     ("fresh", "fresh"))}
     lines = ["# vlatent quick start", "",
@@ -126,7 +126,7 @@ def _quickstart_report(out: Path, base: Path, results: dict, minutes: dict) -> P
              "| train minutes |", "|---|---|---|---|---|---|",
              f"| always the most frequent answer | {majority['test']:.3f} | {majority['fresh']:.3f} | 1 | — | — |"]
     for name, scores in results.items():
-        rows = [json.loads(l) for l in (out / "eval" / name / "predictions.jsonl").read_text().splitlines() if l]
+        rows = predictions[name]
         train = minutes.get(name, 0) + (minutes.get("mirage_stage1", 0) if name == "mirage_stage2" else 0)
         mode = json.loads((out / "eval" / name / "run.json").read_text()).get("latent", "—")
         lines.append(f"| {name} | {scores['test'].get('overall', 0):.3f} | {scores['fresh'].get('overall', 0):.3f} "
@@ -139,7 +139,7 @@ def _quickstart_report(out: Path, base: Path, results: dict, minutes: dict) -> P
             lines.append(f"![{name}]({name}/loss_curve.png)")
     lines += ["", "## Example traces", ""]
     for name in results:
-        rows = [json.loads(l) for l in (out / "eval" / name / "predictions.jsonl").read_text().splitlines() if l][:4]
+        rows = predictions[name][:4]
         lines.append(f"### {name}")
         for r in rows:
             lines.append(f"- `{r.get('id')}` gold {r.get('gold', r.get('answer'))!r}, parsed {r.get('parsed')!r}, "
