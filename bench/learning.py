@@ -84,6 +84,8 @@ def present(records: list[dict], how: str) -> list[dict]:
         turn = r["messages"][-1]["content"]
         if how == "answer_only":
             r["messages"][-1]["content"] = [{"type": "text", "text": f"The answer is {r['answer']}."}]
+        elif how == "text_cot":  # the builder's written-out reasoning (meta.text_cot): every step in words
+            r["messages"][-1]["content"] = [{"type": "text", "text": r["meta"]["text_cot"]}]
         elif how == "observations":  # what follows a latent step is observed, the closing answer sentence is not
             final = f"The answer is {r['answer']}."
             views = []
@@ -97,7 +99,7 @@ def present(records: list[dict], how: str) -> list[dict]:
                     views.append(item)
             r["messages"][-1]["content"] = views
         else:
-            raise ValueError(f"records: {how!r} is not as_built, answer_only or observations")
+            raise ValueError(f"records: {how!r} is not as_built, answer_only, text_cot or observations")
     return out
 
 

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import learning  # noqa: E402
 
-RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze", "meta": {}, "messages": [
+RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze",
+          "meta": {"text_cot": "Start at row 1. Go left. The answer is B."}, "messages": [
     {"role": "user", "content": [{"type": "image", "image": 0}, {"type": "text", "text": "Which way?"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "Sketch."}, {"type": "latent", "image": 1},
                                       {"type": "text", "text": "Left turn. The answer is B."}]}]}
@@ -23,6 +24,9 @@ def test_record_views():
     assert learning.present([RECORD], "as_built") == [RECORD]
     direct = learning.present([RECORD], "answer_only")[0]
     assert direct["messages"][-1]["content"] == [{"type": "text", "text": "The answer is B."}]
+    cot = learning.present([RECORD], "text_cot")[0]  # the written-out reasoning, not the latent record's filler
+    assert cot["messages"][-1]["content"] == [{"type": "text", "text": "Start at row 1. Go left. The answer is B."}]
+    assert cot["messages"][0] == RECORD["messages"][0] and cot["images"] == RECORD["images"]
     obs = learning.present([RECORD], "observations")[0]["messages"][-1]["content"]
     assert [item.get("observation", False) for item in obs] == [False, False, True, False]
     assert [item.get("text") for item in obs[2:]] == ["Left turn.", " The answer is B."]  # the answer is not observed
