@@ -15,7 +15,6 @@ benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing
 import os
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from vlatent.data import present
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train/ and eval/ are folders of the repository, not installed packages
@@ -42,6 +43,9 @@ BUDGETS = {
     # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10);
     # val_examples: the first N of the val split score a tuning trial (None: all)
     "small": {"n": 2000, "examples": 1600, "batch": 8, "val_examples": 100, "device_note": "2 CPU cores"},
+    # small's data with 4x the training: what text chain of thought needs to learn maze and vsp on 2 cores (~35 min
+    # for text_direct, text_cot and mirage on those two tasks, 3 seeds, --no-tune)
+    "medium": {"n": 2000, "examples": 6400, "batch": 8, "val_examples": 100, "device_note": "2 CPU cores"},
     "full": {"n": 8000, "examples": 12800, "batch": 16, "val_examples": None, "device_note": "2 CPU cores"},
 }
 FRESH_SEED = 20261205  # the unseen-seed test set per task (a tenth of the budget's n): a seed nothing else uses
@@ -72,34 +76,6 @@ def build_task(task: str, root: Path, n: int, seed: int = 0, split: str = "0.8,0
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "data_builders", task, "--out", str(out), "--n", str(n), "--seed",
                         str(seed), "--split", split, *TASKS[task]], check=True, cwd=ROOT, capture_output=True)
-    return out
-
-
-def present(records: list[dict], how: str) -> list[dict]:
-    """The arm's view of the built records (see train/recipes/learning/README.md)."""
-    if how == "as_built":
-        return records
-    out = copy.deepcopy(records)
-    for r in out:
-        turn = r["messages"][-1]["content"]
-        if how == "answer_only":
-            r["messages"][-1]["content"] = [{"type": "text", "text": f"The answer is {r['answer']}."}]
-        elif how == "text_cot":  # the builder's written-out reasoning (meta.text_cot): every step in words
-            r["messages"][-1]["content"] = [{"type": "text", "text": r["meta"]["text_cot"]}]
-        elif how == "observations":  # what follows a latent step is observed, the closing answer sentence is not
-            final = f"The answer is {r['answer']}."
-            views = []
-            for prev, item in zip([None, *turn], turn):
-                if prev is not None and prev["type"] == "latent" and item["type"] == "text":
-                    seen = item["text"].removesuffix(final).rstrip()
-                    views.append({**item, "text": seen, "observation": True} if seen else item)
-                    if seen != item["text"].rstrip():
-                        views.append({"type": "text", "text": " " + final})
-                else:
-                    views.append(item)
-            r["messages"][-1]["content"] = views
-        else:
-            raise ValueError(f"records: {how!r} is not as_built, answer_only, text_cot or observations")
     return out
 
 

@@ -52,6 +52,7 @@ def cmd_quickstart(args) -> int:
 
     import torch
 
+    from .data import present
     from .model import LatentVLM
     from .testing import pretrained_base
 
@@ -70,6 +71,10 @@ def cmd_quickstart(args) -> int:
             code = build(["maze", "--out", str(folder), *QUICKSTART_MAZE, *extra])
             if code:
                 return code
+    cot = data / "train.text_cot.jsonl"  # the text baseline reasons in words: the builder's written-out trace
+    if not cot.is_file():
+        records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
+        cot.write_text("".join(json.dumps(r) + "\n" for r in present(records, "text_cot")))
     print(f"[2/4] 4x4 maze dataset: {data} (and a test set built with an unseen seed: {fresh})")
     env = {**__import__("os").environ, "PYTHONPATH": str(root)}
     if not torch.cuda.is_available():
@@ -78,7 +83,7 @@ def cmd_quickstart(args) -> int:
         t0 = time.time()
         cmd = [sys.executable, str(root / "train" / "sft.py"), "--config", str(root / "train/recipes/tiny" / recipe),
                "--set", f"model={base if start == 'base' else out / start}",
-               "--set", f"data.train={data / 'train.jsonl'}",
+               "--set", f"data.train={cot if name == 'text_sft' else data / 'train.jsonl'}",
                "--set", f"training.output_dir={out / name}", "--overwrite"]
         if args.max_steps:
             cmd += ["--set", f"training.max_steps={args.max_steps}"]
@@ -119,7 +124,8 @@ def _quickstart_report(out: Path, base: Path, results: dict, minutes: dict) -> P
     lines = ["# vlatent quick start", "",
              f"The tiny Qwen2.5-VL that sees (`{base}`: pretrained on perception captions of the builders' pictures, "
              "never on their questions) fine-tuned with DeepSpeed on this machine on a small 4x4 maze set "
-             "(first-move questions): Mirage stage 1 then 2, and the plain text baseline. Evaluated on the held-out "
+             "(first-move questions): Mirage stage 1 then 2, and the text baseline (the same mazes with the route written out "
+             "in words: text chain of thought). Evaluated on the held-out "
              "test split and on a test set built with a seed the training data never used. The scale is a demo of "
              "the whole loop, not a replication: see bench/LEARNING.md for the learning benchmark.", "",
              "| model | test accuracy | unseen-seed accuracy | distinct answers (test) | latent mode "
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the Gradio app: vlatent demo --model PATH [--host 127.0.0.1 --port 7860]")
     q = sub.add_parser("quickstart", help="run the main job on the built-in tiny default")
     q.add_argument("--out", default="runs/quickstart", help="where the data, models, evaluations and report go")
-    q.add_argument("--n", type=int, default=800, help="maze examples to build (80/10/10 split)")
+    q.add_argument("--n", type=int, default=2000, help="maze examples to build (80/10/10 split)")
     q.add_argument("--max-new-tokens", type=int, default=192, help="per answer, latent steps included (a 4x4 maze trace with K=4 runs to ~110)")
     q.add_argument("--max-steps", type=int, default=None, help="override every arm's training steps (smoke runs)")
     q.set_defaults(fn=cmd_quickstart)

@@ -6,6 +6,7 @@ error names the record (its id, or its line when the id is unusable), where it c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -166,3 +167,38 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise record_error(None, where, "line", f"invalid JSON ({e})") from None
+
+
+def present(records: list[dict], how: str) -> list[dict]:
+    """One view of built records for training: ``as_built``; ``answer_only`` (the assistant turn is just "The answer
+    is X."); ``text_cot`` (the turn is the builder's written-out reasoning, ``meta.text_cot``: a text chain-of-thought
+    baseline, since the text around latent steps says little on its own); ``observations`` (the text right after each
+    latent step marked as a Monet observation span)."""
+    if how == "as_built":
+        return records
+    out = copy.deepcopy(records)
+    for r in out:
+        turn = r["messages"][-1]["content"]
+        if how == "answer_only":
+            r["messages"][-1]["content"] = [{"type": "text", "text": f"The answer is {r['answer']}."}]
+        elif how == "text_cot":
+            cot = (r.get("meta") or {}).get("text_cot")
+            if not isinstance(cot, str) or not cot:
+                raise record_error(r.get("id"), "", "meta.text_cot", "is missing: the text_cot view needs the "
+                                   "builder's written-out reasoning (every vlatent build-data task writes it)")
+            r["messages"][-1]["content"] = [{"type": "text", "text": cot}]
+        elif how == "observations":  # what follows a latent step is observed, the closing answer sentence is not
+            final = f"The answer is {r['answer']}."
+            views = []
+            for prev, item in zip([None, *turn], turn):
+                if prev is not None and prev["type"] == "latent" and item["type"] == "text":
+                    seen = item["text"].removesuffix(final).rstrip()
+                    views.append({**item, "text": seen, "observation": True} if seen else item)
+                    if seen != item["text"].rstrip():
+                        views.append({"type": "text", "text": " " + final})
+                else:
+                    views.append(item)
+            r["messages"][-1]["content"] = views
+        else:
+            raise ValueError(f"record view {how!r} is not as_built, answer_only, text_cot or observations")
+    return out
