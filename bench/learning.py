@@ -263,8 +263,13 @@ def run_sketches(job: dict) -> dict:
 
 # -- the whole benchmark ---------------------------------------------------------------------------------------------
 def fingerprint(job: dict) -> dict:
-    """What a job's result depends on (its settings, arm and budget), kept in result.json to spot stale results."""
-    return json.loads(json.dumps({k: v for k, v in job.items() if k not in ("out", "cost")}))
+    """What a job's result depends on (its settings, budget, and the arm as it applies to the job's task), kept in
+    result.json to spot stale results: editing an arm's settings for one task leaves its other tasks' results valid."""
+    settings = {k: v for k, v in job.items() if k not in ("out", "cost")}
+    if "arm" in job:  # not a sketches job
+        settings["arm"] = {k: v for k, v in job["arm"].items() if k not in ("tasks", "cost", "eval")}
+        settings["arm"]["eval"] = eval_settings(job["arm"], job["task"])
+    return json.loads(json.dumps(settings))
 
 
 RUNNERS = {"train": run_job, "test": run_test, "sketches": run_sketches}
@@ -287,7 +292,7 @@ def launch(job: dict, mp) -> dict:
     done = out / "result.json"
     if done.is_file():
         result = json.loads(done.read_text())
-        if result.get("job", fingerprint(job)) == fingerprint(job):
+        if fingerprint(result.get("job", job)) == fingerprint(job):
             return {**result, "reused": True}
         shutil.rmtree(out)  # the arm or budget changed since: start the job afresh (its evaluations too)
     out.mkdir(parents=True, exist_ok=True)

@@ -233,8 +233,9 @@ def render(m: Maze, rid: str, writer: common.DatasetWriter, wall: int = 2) -> di
     rg, cg = divmod(m.goal, m.size)
     qtype = m.qtype
     if m.moves:
-        steps = ["I'll trace the route from the start one straight run at a time."]
         cot = [f"Start at {cell_name(rs, cs)}."]
+        # the latent trace says in words what the text CoT says (where each run ends), the sketch after each run
+        steps = ["I'll trace the route from the start one straight run at a time.", cot[0]]
         sketch = base.copy()
         d = ImageDraw.Draw(sketch)
         r, c = rs, cs
@@ -242,10 +243,11 @@ def render(m: Maze, rid: str, writer: common.DatasetWriter, wall: int = 2) -> di
             r2, c2 = r + MOVES[direction][0] * n, c + MOVES[direction][1] * n
             d.line([center(r, c, cell, pad), center(r2, c2, cell, pad)], fill=ROUTE, width=max(3, cell // 5))
             images.append(writer.save(sketch, f"{rid}-step{j}"))
-            steps += [f"Go {direction} {n}.", len(images) - 1]
             cot.append(f"Go {direction} {n} to {cell_name(r2, c2)}.")
+            steps += [cot[-1], len(images) - 1]
             r, c = r2, c2
         cot.append("That is the goal.")
+        steps.append(cot[-1])
         turns = len(runs(m.moves)) - 1
         end = {"first_move": f"The route starts by going {m.moves[0]}.",
                "turns": (f"The route has {turns + 1} straight runs, so it changes direction {turns} times." if turns

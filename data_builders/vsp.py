@@ -227,7 +227,9 @@ def render(p: Problem, rid: str, writer: common.DatasetWriter) -> dict:
                    "off-grid": "walks off the grid, so it is not safe.",
                    "goal": "reaches the goal without touching a hole, so it is safe.",
                    "stopped": "stays on the ice all the way, so it is safe."}[outcome]
-        steps = ["Let me draw this sequence on the map.", 1, f"The drawn route {verdict}"]
+        # the walk in words (as the text CoT has it), then the drawn walk as the latent step, then the verdict
+        steps = ["Let me walk this sequence on the map.", explain(p.map_desc, p.actions), 1,
+                 f"The drawn route {verdict}"]
         cot = f"{explain(p.map_desc, p.actions)} The sequence {verdict}"
     else:
         steps = ["Let me draw a safe route from S to G on the map.", 1,

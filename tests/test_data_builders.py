@@ -160,6 +160,16 @@ def test_maze_answers_are_right(built):
             route = routes[goal]
             run_count = 1 + sum(a != b for a, b in zip(route, route[1:]))
             assert len(latents(r)) == run_count  # one latent step per straight run
+            # the text before each latent step names the run and the cell where it ends (the route walked here)
+            turn = r["messages"][-1]["content"]
+            cell, ends = start, []
+            for j, move in enumerate(route):
+                cell += {"up": -size, "down": size, "left": -1, "right": 1}[move]
+                if j + 1 == len(route) or route[j + 1] != move:
+                    ends.append(f"to row {cell // size + 1}, column {cell % size + 1}.")
+            before = [turn[i - 1]["text"] for i, item in enumerate(turn) if item["type"] == "latent"]
+            assert [t.endswith(e) for t, e in zip(before, ends)] == [True] * run_count, (before, ends)
+            assert turn[-1]["text"].startswith("That is the goal.")
             assert follows(m["cells"], size, start, m["route"]) == goal and len(route) >= 2
             if qtype == "first_move":
                 assert r["answer"] == route[0]
@@ -195,6 +205,22 @@ def test_vsp_answers_check_out_by_simulation(built):
                 assert f"Is the action sequence {','.join(m['actions'])} safe?" in user_text(r)
                 assert r["answer"] == ("yes" if vsp.simulate(m["map_desc"], m["actions"]) in ("goal", "stopped")
                                        else "no")
+                # the walk is written out cell by cell before the drawn route (the latent step)
+                size = len(m["map_desc"])
+                (row, col), = [(i, j) for i in range(size) for j in range(size) if m["map_desc"][i][j] == 1]
+                said = []
+                for a in m["actions"]:
+                    row, col = row + {"U": -1, "D": 1}.get(a, 0), col + {"L": -1, "R": 1}.get(a, 0)
+                    if not (0 <= row < size and 0 <= col < size):
+                        said.append(f"{a} walks off the grid.")
+                        break
+                    said.append(f"to row {row + 1}, column {col + 1}")
+                    if m["map_desc"][row][col] in (-1, 2):
+                        break
+                turn = r["messages"][-1]["content"]
+                assert [item["type"] for item in turn] == ["text", "latent", "text"]
+                assert all(x in turn[0]["text"] for x in said) and turn[0]["text"].count(" goes ") == len(
+                    [x for x in said if x.startswith("to row")]), (turn[0]["text"], said)
             else:
                 for letter, option in zip("ABCD", m["options"]):
                     assert (vsp.simulate(m["map_desc"], option) == "goal") == (letter == r["answer"])

@@ -91,3 +91,15 @@ def test_one_arm_end_to_end(tmp_path):
         newest = max((runs / seed).glob("lr*/result.json"), key=lambda p: p.stat().st_mtime)
         assert newest.stat().st_mtime > before
         assert json.loads(newest.read_text())["job"]["arm"]["eval"]["max_new_tokens"] == {"default": 40, "maze": 30}
+
+
+def test_a_result_stays_valid_when_only_another_tasks_settings_change():
+    arm = {"tasks": ["maze", "vsp"], "records": "as_built", "stages": [], "learning_rates": [1e-3], "cost": 1,
+           "eval": {"latent": "auto", "max_new_tokens": {"default": 96, "maze": 192}}}
+    job = {"name": "a", "task": "vsp", "seed": 0, "lr": 1e-3, "arm": arm, "out": "x", "cost": 2}
+    other = {**arm, "cost": 3, "eval": {"latent": "auto", "max_new_tokens": {"default": 96, "maze": 288}}}
+    assert learning.fingerprint({**job, "arm": other}) == learning.fingerprint(job)
+    this = {**arm, "eval": {"latent": "auto", "max_new_tokens": {"default": 160, "maze": 192}}}
+    assert learning.fingerprint({**job, "arm": this}) != learning.fingerprint(job)
+    stored = learning.fingerprint(job)  # what result.json keeps compares equal to the job it came from
+    assert learning.fingerprint(stored) == learning.fingerprint(job)

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quickstart", help="run the main job on the built-in tiny default")
     q.add_argument("--out", default="runs/quickstart", help="where the data, models, evaluations and report go")
     q.add_argument("--n", type=int, default=2000, help="maze examples to build (80/10/10 split)")
-    q.add_argument("--max-new-tokens", type=int, default=192, help="per answer, latent steps included (a 4x4 maze trace with K=4 runs to ~110)")
+    q.add_argument("--max-new-tokens", type=int, default=288,
+                   help="per answer, latent steps included (a 4x4 maze trace with K=4: ~115 tokens, at most ~285)")
     q.add_argument("--max-steps", type=int, default=None, help="override every arm's training steps (smoke runs)")
     q.set_defaults(fn=cmd_quickstart)
     argv = sys.argv[1:] if argv is None else argv
