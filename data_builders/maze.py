@@ -3,7 +3,8 @@
 Each maze is a perfect maze (exactly one path between two cells) of 3x3 to 8x8 cells with a start (green) and a goal
 (red); for "is the goal reachable?" half of them get one passage on the route walled off. The helper images are the
 maze with the route drawn up to the end of each straight run, one latent step per run, as in Latent Sketchpad's maze
-planning; an unreachable goal gets one sketch that shades every cell the start can reach.
+planning, each after the sentence that names the run and the cell it ends in (the reasoning of ``meta.text_cot``, so
+a latent method and the text baseline read the same words); an unreachable goal gets one sketch that shades every cell the start can reach.
 
     vlatent build-data maze --out data/maze --n 1000 --size 3-8 --questions first_move,turns,reachable,route_mc
 
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from . import common
 
-VERSION = 1
+VERSION = 2  # 2: the latent trace writes out the cell each run ends in
 QUESTIONS = ("first_move", "turns", "reachable", "route_mc")
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 BIT = {"up": 1, "down": 2, "left": 4, "right": 8}

@@ -2,7 +2,7 @@
 
 The map is Mirage's ``map_desc``: rows of 1 (start), 2 (goal), -1 (hole) and 0 (ice); actions are L, R, U, D. Walking
 into a hole or off the grid is unsafe; reaching the goal ends the walk. The helper image is the map with the route
-drawn. Records keep ``meta.map_desc`` so a free-form answer can be checked with ``simulate``.
+drawn; for "is it safe?" it follows the walk written out action by action (as in ``meta.text_cot``). Records keep ``meta.map_desc`` so a free-form answer can be checked with ``simulate``.
 
     vlatent build-data vsp --out data/vsp --n 1000 --size 3-6 --questions safe,route_mc
 """
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import common
 
-VERSION = 1
+VERSION = 2  # 2: "is it safe?" writes the walk out before the drawn route
 QUESTIONS = ("safe", "route_mc")
 ACTIONS = {"L": (0, -1), "R": (0, 1), "U": (-1, 0), "D": (1, 0)}
 NAMES = {"L": "left", "R": "right", "U": "up", "D": "down"}
