@@ -2,8 +2,9 @@
 bar), the record layout, balanced and de-duplicated sampling for the synthetic tasks, and the converter loop.
 
 A built dataset is a folder with ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (records of ``shared/DESIGN.md``),
-``images/`` and ``dataset_info.json``. Splits are written as ``*.jsonl.tmp`` and renamed only when the whole build
-succeeded; ``dataset_info.json`` comes last, so a folder holding it holds a complete dataset.
+``images/`` and ``dataset_info.json``. A build writes into a temporary folder beside it and moves the dataset into
+place only when the whole build succeeded, ``dataset_info.json`` last, so a folder holding it holds a complete dataset
+and a failed build leaves the folder as it was. An existing dataset is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -27,6 +29,7 @@ SPLITS = ("train", "val", "test")
 LETTERS = "ABCDEFGH"
 MAX_TRIES = 2000  # draws per example before a synthetic builder gives up on finding a new one
 SHOWN_BAD = 10  # skipped converter records reported one by one; the rest are only counted
+OUTPUTS = ("dataset_info.json", *(f"{s}.jsonl" for s in SPLITS), "images")  # what a build puts in its folder
 
 
 class BuildError(Exception):
@@ -146,6 +149,7 @@ def builder_parser(name: str, doc: str, *, split: str) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--split", type=split_fractions, default=split, metavar="TRAIN,VAL,TEST",
                    help="fractions of the examples per split")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     return p
 
 
@@ -168,16 +172,22 @@ def converter_parser(name: str, doc: str) -> argparse.ArgumentParser:
 # Writing
 
 
+def existing_outputs(out: Path) -> list[str]:
+    """The build outputs (``OUTPUTS``) already in ``out``: a dataset, or what is left of one, that a build replaces."""
+    return [name for name in OUTPUTS if os.path.lexists(Path(out) / name)]
+
+
 class DatasetWriter:
-    """Streams records into ``{split}.jsonl.tmp`` and, when the build finishes, renames them to ``{split}.jsonl`` and
-    writes ``dataset_info.json`` last. If the build fails or is interrupted, the temp files are removed; a build
-    killed outright leaves only ``*.tmp`` names. Old splits and info in ``out`` are removed when a build starts."""
+    """Streams records into the splits of a new dataset in a temporary folder beside ``out`` and, when the build
+    finishes, moves it into ``out`` (``dataset_info.json`` last). A build that fails or is interrupted removes the
+    temporary folder and leaves ``out`` as it was; one killed outright leaves only a hidden ``.NAME.*.building``
+    beside it. An existing dataset in ``out`` is replaced only with ``--overwrite``."""
 
     def __init__(self, out: Path, builder: str, version: int, args: argparse.Namespace, extra_info: dict | None = None):
-        self.out, self.images = Path(out), Path(out) / "images"
-        self.images.mkdir(parents=True, exist_ok=True)
-        for stale in ["dataset_info.json", *(f"{s}.jsonl" for s in SPLITS)]:
-            (self.out / stale).unlink(missing_ok=True)
+        self.out = Path(out)
+        found = existing_outputs(self.out)
+        if found and not args.overwrite:
+            raise BuildError(f"{self.out} already holds a dataset ({', '.join(found)}); pass --overwrite to replace it")
         self.info = {"builder": builder, "version": version, "seed": args.seed,
                      "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())},
                      **(extra_info or {})}
@@ -187,7 +197,11 @@ class DatasetWriter:
         self.files = {}
 
     def __enter__(self) -> "DatasetWriter":
-        self.files = {s: open(self.out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in SPLITS}
+        real = self.out.resolve()  # beside the real folder, so the final moves are renames on one file system
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".building", dir=real.parent))
+        self.new, self.images = self.tmp / "new", self.tmp / "new" / "images"
+        self.images.mkdir(parents=True)  # not mkdtemp's private mode: the dataset gets the usual permissions
+        self.files = {s: open(self.new / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         return self
 
     def image_path(self, name: str, ext: str = ".png") -> tuple[str, Path]:
@@ -210,19 +224,23 @@ class DatasetWriter:
         for f in self.files.values():
             f.close()
         if exc_type is not None:
-            for s in SPLITS:
-                (self.out / f"{s}.jsonl.tmp").unlink(missing_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        for s in SPLITS:
-            os.replace(self.out / f"{s}.jsonl.tmp", self.out / f"{s}.jsonl")
         self.info["counts"] = {s: self.counts[s] for s in SPLITS}
         self.info["tasks"] = {s: dict(sorted(self.tasks[s].items())) for s in SPLITS}
         # Converters meet free-form answers: keep the 100 most common and say how many distinct there are.
         self.info["answers"] = {s: dict(sorted(self.answers[s].most_common(100))) for s in SPLITS}
         self.info["distinct_answers"] = {s: len(self.answers[s]) for s in SPLITS}
-        tmp = self.out / "dataset_info.json.tmp"
-        tmp.write_text(json.dumps(self.info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / "dataset_info.json")
+        (self.new / "dataset_info.json").write_text(json.dumps(self.info, indent=2, ensure_ascii=False) + "\n",
+                                                    encoding="utf-8")
+        self.out.mkdir(exist_ok=True)
+        old = self.tmp / "old"
+        old.mkdir()
+        for name in existing_outputs(self.out):  # the old dataset out, its dataset_info.json first
+            os.replace(self.out / name, old / name)
+        for name in reversed(OUTPUTS):  # the new one in, its dataset_info.json last
+            os.replace(self.new / name, self.out / name)
+        shutil.rmtree(self.tmp)  # only now: if a move failed, both datasets are still in the temporary folder
 
 
 def content(items: list, kind: str) -> list[dict]:
@@ -381,8 +399,12 @@ def convert(args, name: str, version: int, to_record: Callable[[Any, Converted],
             row_id: Callable[[Any, int], str]) -> None:
     """Map every source row to a record with ``to_record`` and write it to a split chosen by a seeded hash of its id
     (streaming, so the split of a record never depends on the others). A row it cannot map stops the build with the
-    row and the reason, or with ``--skip-bad`` is counted and skipped."""
+    row and the reason, or with ``--skip-bad`` is counted and skipped. A dataset is never built over its own source."""
     image_root = (args.images or args.source.parent).resolve()
+    out = args.out.resolve()
+    if existing_outputs(out) and any(p == out or out in p.parents for p in (args.source.resolve(), image_root)):
+        raise BuildError(f"--out {args.out} holds a dataset and this build's source (--source / --images), which "
+                         "replacing the dataset could delete; write to another --out")
     ids, copied, skipped = set(), set(), 0
     fractions = args.split
     with DatasetWriter(args.out, name, version, args, {"source": str(args.source)}) as writer:

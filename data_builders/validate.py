@@ -3,7 +3,7 @@
     vlatent build-data validate data/maze
 
 Each split must pass ``vlatent.data.load_records`` (the error names the record and the field) and match the counts in
-``dataset_info.json``; a leftover ``*.jsonl.tmp`` means an interrupted build.
+``dataset_info.json``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ def validate(args) -> None:
     from vlatent.data import RecordError, load_records
 
     folder = args.dir
-    for split in common.SPLITS:
-        if (folder / f"{split}.jsonl.tmp").exists():
-            raise common.BuildError(f"{folder / f'{split}.jsonl.tmp'} exists: a build was interrupted; build again")
     splits = [s for s in common.SPLITS if (folder / f"{s}.jsonl").is_file()]
     if not splits:
         raise common.BuildError(f"no {', '.join(f'{s}.jsonl' for s in common.SPLITS)} in {folder}")

@@ -6,8 +6,10 @@
     torchrun --nproc_per_node 8 -m vlatent.cli eval --model ckpt/ --bench mmmu --data ~/MMMU --out runs/mmmu
 
 Each batch's prediction rows are appended to ``OUT/predictions.jsonl`` and flushed as soon as they are made; rerunning
-the same command skips the ids already there (``OUT/run.json`` keeps the settings, and a rerun with other settings is
-refused rather than mixed in). Under ``torchrun`` (``RANK`` / ``WORLD_SIZE``) rank r takes examples r::N into
+the same command skips the ids already predicted there and retries those whose row is an error (``OUT/run.json`` keeps
+the settings, and a rerun with other settings is refused rather than mixed in). A run in which every example it tried
+failed (a systemic fault: a broken model, images in a format nothing decodes) scores nothing and is an error naming the
+first failure. Under ``torchrun`` (``RANK`` / ``WORLD_SIZE``) rank r takes examples r::N into
 ``predictions.rank{r}.jsonl``, and rank 0, once every example has a row, merges them into ``predictions.jsonl``. Rank 0
 then scores the run from ``predictions.jsonl`` alone (``scores.json``) and writes ``report.md`` and ``scores.png``.
 
@@ -65,7 +67,7 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
     ``leakage_against`` (MMStar) are output folders of such runs, for the multi-modal gain and leakage. ``rank`` /
     ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that torchrun sets. Returns the scores on rank 0 (what
     ``scores.json`` holds) and ``{}`` on the other ranks. Bad input -> ``EvalError``; an example that cannot run
-    becomes an error row, never an exception.
+    becomes an error row, never an exception, unless every example this call tried failed: then ``EvalError``.
     """
     bench = get_benchmark(bench)
     split = split or bench.default_split
@@ -87,10 +89,11 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
 
     own = out / (PREDICTIONS if world_size == 1 else f"predictions.rank{rank}.jsonl")
     _drop_partial_line(own)
-    done = {row["id"] for row in _all_rows(out)}
+    done = {row["id"] for row in _all_rows(out) if row["error"] is None}
     shard = examples[rank::world_size]
     todo = [ex for ex in shard if ex.id not in done]
     desc = bench.name if world_size == 1 else f"{bench.name} rank {rank}/{world_size}"
+    errors = []
     with open(own, "a", encoding="utf-8") as f, tqdm(total=len(shard), initial=len(shard) - len(todo), desc=desc,
                                                       unit="ex", position=rank, disable=not progress) as bar:
         for i in range(0, len(todo), batch_size):
@@ -98,6 +101,11 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
             f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             f.flush()
             bar.update(len(rows))
+            errors += [row for row in rows if row["error"] is not None]
+    if todo and len(errors) == len(todo):
+        raise EvalError(f"all {len(todo)} examples this run tried failed, so nothing was scored; the first, "
+                        f"example {errors[0]['id']!r}: {errors[0]['error']} (fix the cause and rerun: failed rows "
+                        "are retried)")
     if rank != 0:
         return {}
     rows = _merge(out, examples)
@@ -269,7 +277,8 @@ def _all_rows(out: Path) -> list[dict]:
 
 def _merge(out: Path, examples: list[Example]) -> list[dict]:
     """Wait until every example has a row in some predictions file (the other ranks are still writing theirs), then
-    write all rows, each id once and in dataset order, to ``predictions.jsonl`` and remove the rank files."""
+    write all rows, each id once (its prediction over an error row from an earlier try) and in dataset order, to
+    ``predictions.jsonl`` and remove the rank files."""
     ids = {ex.id for ex in examples}
     missing = ids - {row["id"] for row in _all_rows(out)}
     if missing:
@@ -279,7 +288,8 @@ def _merge(out: Path, examples: list[Example]) -> list[dict]:
         missing = ids - {row["id"] for row in _all_rows(out)}
     rows: dict[str, dict] = {}
     for row in _all_rows(out):
-        rows.setdefault(row["id"], row)
+        if row["id"] not in rows or rows[row["id"]]["error"] is not None:  # a prediction is never replaced
+            rows[row["id"]] = row
     order = {ex.id: i for i, ex in enumerate(examples)}
     merged = sorted(rows.values(), key=lambda row: order.get(row["id"], len(order)))
     tmp = out / f"{PREDICTIONS}.tmp"

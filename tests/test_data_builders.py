@@ -453,9 +453,15 @@ def test_missing_output_parent_and_bad_sources(tmp_path, capsys):
     assert main(["teleport"]) == 2 and "unknown builder 'teleport'" in capsys.readouterr().err
 
 
-def test_interrupted_build_leaves_no_complete_looking_split(tmp_path, monkeypatch):
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_rebuild_leaves_the_old_dataset_as_it_was(tmp_path, monkeypatch):
     out = tmp_path / "maze"
     assert build("maze", out, n=10) == 0  # a finished build, then an interrupted rebuild into the same folder
+    before = snapshot(out)
     calls = []
 
     def render_then_interrupt(*args):
@@ -467,15 +473,69 @@ def test_interrupted_build_leaves_no_complete_looking_split(tmp_path, monkeypatc
     maze_render = maze.render
     monkeypatch.setattr(maze, "render", render_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        build("maze", out, n=30)
-    assert sorted(p.name for p in out.iterdir()) == ["images"]
-    assert main(["validate", str(out)]) == 2
+        build("maze", out, "--overwrite", n=30)
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["maze"]  # no temporary left
+    assert main(["validate", str(out)]) == 0
+
+
+def llava_source(path, image="a.png"):
+    """A one-record LLaVA file at ``path`` whose image is ``image`` beside it."""
+    png(path.parent / "a.png", "red")
+    path.write_text(json.dumps({"id": "r1", "image": image, "conversations": [
+        {"from": "human", "value": "<image> What colour?"}, {"from": "gpt", "value": "Red."}]}) + "\n")
+    return path
+
+
+def test_a_converter_never_deletes_its_own_source(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    source = llava_source(d / "train.jsonl")  # the issue's command: the source is what --out would hold
+    before = snapshot(d)
+    for extra in ([], ["--overwrite"]):
+        assert main(["llava", "--source", str(source), "--out", str(d), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {d} holds a dataset and this build's source" in err and "another --out" in err
+        assert snapshot(d) == before
+    other = tmp_path / "e"  # a source in a folder without a dataset: the dataset is written beside it
+    other.mkdir()
+    source = llava_source(other / "llava.jsonl")
+    assert main(["llava", "--source", str(source), "--out", str(other), "--split", "1,0,0"]) == 0
+    assert source.read_bytes() == before["train.jsonl"] and list(converted(other)) == ["r1"]
+
+
+def test_a_failing_conversion_leaves_an_existing_dataset_as_it_was(tmp_path, capsys):
+    out = tmp_path / "maze"
+    assert build("maze", out, n=10) == 0
+    before = snapshot(out)
+    bad = llava_source(tmp_path / "src" / "bad.jsonl", image="missing.png")
+    assert main(["llava", "--source", str(bad), "--out", str(out)]) == 2  # refused: no --overwrite
+    assert f"{out} already holds a dataset (dataset_info.json, train.jsonl, val.jsonl, test.jsonl, images); pass " \
+           "--overwrite to replace it" in capsys.readouterr().err
+    assert main(["llava", "--source", str(bad), "--out", str(out), "--overwrite"]) == 2  # fails half-way
+    assert "missing.png" in capsys.readouterr().err
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["maze", "src"]
+    assert main(["validate", str(out)]) == 0
+
+
+def test_rebuilding_replaces_a_dataset_only_with_overwrite_and_keeps_no_old_image(tmp_path, capsys):
+    out, fresh = tmp_path / "maze", tmp_path / "fresh"
+    assert build("maze", out, n=20) == 0
+    before = snapshot(out)
+    assert build("maze", out, n=6, seed=1) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err and snapshot(out) == before
+    assert build("maze", out, "--overwrite", n=6, seed=1) == 0
+    assert build("maze", fresh, "--overwrite", n=6, seed=1) == 0  # --overwrite into a new folder: a plain build
+    rebuilt, expected = snapshot(out), snapshot(fresh)
+    info = json.loads(rebuilt.pop("dataset_info.json"))
+    assert info["arguments"]["n"] == 6 and info["counts"] == json.loads(expected.pop("dataset_info.json"))["counts"]
+    assert rebuilt == expected  # the same splits and exactly the same images as a build into an empty folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "maze"]
 
 
 def test_validate_prints_a_summary_and_names_bad_records(built, tmp_path, capsys):
     assert main(["validate", str(built["maze"])]) == 0
     out = capsys.readouterr().out
-    assert "maze v1, seed 0" in out and "train: 38 records" in out and "latents/record" in out
+    assert "maze v2, seed 0" in out and "train: 38 records" in out and "latents/record" in out
     assert "ok: 48 records in 3 split(s)" in out
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -317,6 +317,41 @@ def test_one_bad_example_never_costs_the_others(model_dir, tmp_path, capsys):
     assert "## Errors (3)" in (out / "report.md").read_text()
 
 
+def test_a_systemic_fault_is_an_error_and_its_rows_are_retried(model, model_dir, tmp_path, capsys):
+    """Every image in a format nothing decodes: no 0% result, and once the data is fixed the failed rows are redone
+    while the predictions made before are kept."""
+    good, broken = mmstar_rows(6), mmstar_rows(6)
+    for row in broken:
+        row["image"] = {"bytes": b"GIF89a but not really", "path": "x.gif"}
+    data, out = tmp_path / "mmstar", tmp_path / "out"
+    kw = dict(batch_size=2, max_new_tokens=4, progress=False)
+
+    write_mmstar(data, broken)
+    assert main(["--model", str(model_dir), "--bench", "mmstar", "--data", str(data), "--out", str(out),
+                 "--batch-size", "2", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "error: all 6 examples this run tried failed, so nothing was scored; the first, example '0': 0: image 1: " \
+           "cannot decode the image" in err
+    assert not (out / "scores.json").exists() and len(read_rows(out / "predictions.jsonl")) == 6
+
+    write_mmstar(data, good[:3] + broken[3:])  # half fixed: the failed rows are retried, not counted as done
+    half = evaluate(model, "mmstar", data, out, **kw)
+    first = read_rows(out / "predictions.jsonl")
+    assert [r["error"] is None for r in first] == [True] * 3 + [False] * 3 and half["errors"] == 3
+    # a rerun still half broken: every row it tries fails, so it is an error and the scores above stand
+    with pytest.raises(EvalError, match="all 3 examples this run tried failed.*example '3': 3: image 1: cannot decode"):
+        evaluate(model, "mmstar", data, out, **kw)
+    assert json.loads((out / "scores.json").read_text()) == json.loads(json.dumps(half))
+
+    write_mmstar(data, good)
+    scores = evaluate(model, "mmstar", data, out, **kw)
+    rows = read_rows(out / "predictions.jsonl")
+    assert rows[:3] == first[:3]  # kept as they were (same timings): not redone
+    assert [r["id"] for r in rows] == [str(i) for i in range(6)] and all(r["error"] is None for r in rows)
+    fresh = mmstar_scores([{**r, "failed": r["fallback"]} for r in rows])
+    assert {k: scores[k] for k in fresh} == json.loads(json.dumps(fresh)) and scores["num"] == 6
+
+
 def bad_run(capsys, model_dir, tmp_path, *args) -> str:
     assert main(["--model", str(model_dir), "--out", str(tmp_path / "out"), *map(str, args)]) == 2
     return capsys.readouterr().err
