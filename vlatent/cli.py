@@ -93,15 +93,19 @@ def cmd_quickstart(args) -> int:
             return 1
         minutes[name] = (time.time() - t0) / 60
 
-    evaluate = _app("eval.run").evaluate
+    evaluate, EvalError = _app("eval.run").evaluate, _app("eval.benchmarks").EvalError
     results = {}
     for name in ("mirage_stage2", "text_sft"):
         print(f"[4/4] evaluating {name} on the held-out maze split and the unseen-seed set")
         model = LatentVLM.from_pretrained(out / name).eval()
-        results[name] = {which: evaluate(model, "maze", folder, out / "eval" / (name if which == "test" else
-                                                                                    f"{name}_fresh"),
-                                         split="test", batch_size=8, max_new_tokens=args.max_new_tokens)
-                         for which, folder in (("test", data), ("fresh", fresh))}
+        try:
+            results[name] = {which: evaluate(model, "maze", folder, out / "eval" / (name if which == "test" else
+                                                                                        f"{name}_fresh"),
+                                             split="test", batch_size=8, max_new_tokens=args.max_new_tokens)
+                             for which, folder in (("test", data), ("fresh", fresh))}
+        except EvalError as e:  # e.g. every example failed: one line naming the first failure; the models stay in OUT
+            print(f"error: evaluating {name}: {e}", file=sys.stderr)
+            return 1
     report = _quickstart_report(out, base, results, minutes)
     print(f"\nreport: {report}")
     return 0
