@@ -3,13 +3,15 @@ sees (`vlatent pretrain-base`) with the same number of examples seen, on four sy
 test accuracy, accuracy on a test set built with a seed the bench never uses otherwise, chance, and the intervention
 check (accuracy with the latents zeroed, swapped between examples, or replaced by noise).
 
-    python bench/learning.py --budget small                     # CPU, ~54 min on 2 cores -> bench/LEARNING.md
+    python bench/learning.py --budget small                     # CPU, ~70 min on 2 cores -> bench/LEARNING.md
+    python bench/learning.py --budget medium --arms text_direct,text_cot,mirage --tasks maze,vsp --no-tune \
+        --out runs/learning_medium --report bench/LEARNING_medium.md   # 4x the training: ~45 min on 2 cores
     python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
     python bench/learning.py --budget small --arms text_direct,mirage --tasks maze --seeds 0 --out runs/l
 
 Each (arm, task, seed, learning rate) is one job in its own process (`--jobs` at a time); a finished job leaves
-`result.json` in its folder and is not rerun while its settings, arm and budget stay the same, so an interrupted
-benchmark resumes where it stopped.
+`result.json` in its folder and is not rerun while its settings, budget and the arm's settings for its task stay the
+same, so an interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
