@@ -3,9 +3,9 @@ sees (`vlatent pretrain-base`) with the same number of examples seen, on four sy
 test accuracy, accuracy on a test set built with a seed the bench never uses otherwise, chance, and the intervention
 check (accuracy with the latents zeroed, swapped between examples, or replaced by noise).
 
-    python bench/learning.py --budget small                     # CPU, ~70 min on 2 cores -> bench/LEARNING.md
+    python bench/learning.py --budget small                     # CPU, 70-105 min on 2 cores -> bench/LEARNING.md
     python bench/learning.py --budget medium --arms text_direct,text_cot,mirage --tasks maze,vsp --no-tune \
-        --out runs/learning_medium --report bench/LEARNING_medium.md   # 4x the training: ~45 min on 2 cores
+        --out runs/learning_medium --report bench/LEARNING_medium.md   # 4x the training: 117 job-minutes
     python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
     python bench/learning.py --budget small --arms text_direct,mirage --tasks maze --seeds 0 --out runs/l
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from vlatent.data import present
+from vlatent.data import write_view
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train/ and eval/ are folders of the repository, not installed packages
@@ -45,8 +45,8 @@ BUDGETS = {
     # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10);
     # val_examples: the first N of the val split score a tuning trial (None: all)
     "small": {"n": 2000, "examples": 1600, "batch": 8, "val_examples": 100, "device_note": "2 CPU cores"},
-    # small's data with 4x the training: what text chain of thought needs to learn maze and vsp on 2 cores (~35 min
-    # for text_direct, text_cot and mirage on those two tasks, 3 seeds, --no-tune)
+    # small's data with 4x the training: what text chain of thought needs to learn maze and vsp (text_direct, text_cot
+    # and mirage on those two tasks, 3 seeds, --no-tune: 116.6 job-minutes on 2 CPU cores)
     "medium": {"n": 2000, "examples": 6400, "batch": 8, "val_examples": 100, "device_note": "2 CPU cores"},
     "full": {"n": 8000, "examples": 12800, "batch": 16, "val_examples": None, "device_note": "2 CPU cores"},
 }
@@ -91,17 +91,6 @@ def prepare(arm: dict, data: Path) -> None:
         subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, capture_output=True)
 
 
-def arm_data(data: Path, how: str) -> Path:
-    """train.jsonl as the arm sees it, written beside the original (image paths stay relative to it)."""
-    if how == "as_built":
-        return data / "train.jsonl"
-    path = data / f"train.{how}.jsonl"
-    if not path.is_file():
-        records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
-        path.write_text("".join(json.dumps(r) + "\n" for r in present(records, how)))
-    return path
-
-
 def eval_settings(arm: dict, task: str) -> dict:
     """The arm's ``latent`` mode and ``max_new_tokens`` on ``task`` (a number, or per task with a ``default``)."""
     max_new_tokens = arm["eval"]["max_new_tokens"]
@@ -117,7 +106,7 @@ def run_job(job: dict) -> dict:
     from vlatent.model import LatentVLM
 
     arm, budget, out = job["arm"], job["budget"], Path(job["out"])
-    train = arm_data(Path(job["data"]), arm["records"])
+    train = write_view(job["data"], arm["records"])
     t0 = time.time()
     outputs, history, seen = [], [], 0
     for i, stage in enumerate(arm["stages"]):

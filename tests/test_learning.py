@@ -12,7 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import learning  # noqa: E402
-from vlatent.data import RecordError  # noqa: E402
+from vlatent.data import RecordError, present, write_view  # noqa: E402
 
 RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze",
           "meta": {"text_cot": "Start at row 1. Go left. The answer is B."}, "messages": [
@@ -22,20 +22,29 @@ RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze"
 
 
 def test_record_views():
-    assert learning.present([RECORD], "as_built") == [RECORD]
-    direct = learning.present([RECORD], "answer_only")[0]
+    assert present([RECORD], "as_built") == [RECORD]
+    direct = present([RECORD], "answer_only")[0]
     assert direct["messages"][-1]["content"] == [{"type": "text", "text": "The answer is B."}]
     with pytest.raises(RecordError, match="record 'r': meta.text_cot: is missing"):
-        learning.present([{**RECORD, "meta": {}}], "text_cot")
-    cot = learning.present([RECORD], "text_cot")[0]  # the written-out reasoning, not the latent record's filler
+        present([{**RECORD, "meta": {}}], "text_cot")
+    cot = present([RECORD], "text_cot")[0]  # the written-out reasoning, not the latent record's filler
     assert cot["messages"][-1]["content"] == [{"type": "text", "text": "Start at row 1. Go left. The answer is B."}]
     assert cot["messages"][0] == RECORD["messages"][0] and cot["images"] == RECORD["images"]
-    obs = learning.present([RECORD], "observations")[0]["messages"][-1]["content"]
+    obs = present([RECORD], "observations")[0]["messages"][-1]["content"]
     assert [item.get("observation", False) for item in obs] == [False, False, True, False]
     assert [item.get("text") for item in obs[2:]] == ["Left turn.", " The answer is B."]  # the answer is not observed
     assert "observation" not in RECORD["messages"][-1]["content"][2]  # the original is left alone
     with pytest.raises(ValueError, match="record view 'images_only'"):
-        learning.present([RECORD], "images_only")
+        present([RECORD], "images_only")
+
+
+def test_write_view_writes_the_view_once_beside_train_jsonl(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps(RECORD) + "\n")
+    assert write_view(tmp_path, "as_built") == tmp_path / "train.jsonl"
+    path = write_view(tmp_path, "answer_only")
+    assert path == tmp_path / "train.answer_only.jsonl"
+    assert json.loads(path.read_text())["messages"][-1]["content"] == [{"type": "text", "text": "The answer is B."}]
+    assert json.loads(path.read_text())["images"] == ["q.png", "h.png"]  # paths stay relative to the folder
 
 
 def test_every_arm_recipe_loads():

@@ -52,7 +52,7 @@ def cmd_quickstart(args) -> int:
 
     import torch
 
-    from .data import present
+    from .data import write_view
     from .model import LatentVLM
     from .testing import pretrained_base
 
@@ -71,10 +71,7 @@ def cmd_quickstart(args) -> int:
             code = build(["maze", "--out", str(folder), *QUICKSTART_MAZE, *extra])
             if code:
                 return code
-    cot = data / "train.text_cot.jsonl"  # the text baseline reasons in words: the builder's written-out trace
-    if not cot.is_file():
-        records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
-        cot.write_text("".join(json.dumps(r) + "\n" for r in present(records, "text_cot")))
+    cot = write_view(data, "text_cot")  # the text baseline reasons in words: the builder's written-out trace
     print(f"[2/4] 4x4 maze dataset: {data} (and a test set built with an unseen seed: {fresh})")
     env = {**__import__("os").environ, "PYTHONPATH": str(root)}
     if not torch.cuda.is_available():

@@ -202,3 +202,16 @@ def present(records: list[dict], how: str) -> list[dict]:
         else:
             raise ValueError(f"record view {how!r} is not as_built, answer_only, text_cot or observations")
     return out
+
+
+def write_view(folder: str | os.PathLike, how: str) -> Path:
+    """``folder/train.jsonl`` seen through ``present(.., how)``, written once beside it as ``train.{how}.jsonl``
+    (image paths stay relative to the folder); ``as_built`` is the file itself."""
+    folder = Path(folder)
+    if how == "as_built":
+        return folder / "train.jsonl"
+    path = folder / f"train.{how}.jsonl"
+    if not path.is_file():
+        records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines() if line.strip()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in present(records, how)))
+    return path
