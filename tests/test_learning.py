@@ -1,6 +1,7 @@
 """bench/learning.py: the arms' record views, and one small end-to-end job (train 2 stages, evaluate, intervene)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +46,13 @@ def test_write_view_writes_the_view_once_beside_train_jsonl(tmp_path):
     assert path == tmp_path / "train.answer_only.jsonl"
     assert json.loads(path.read_text())["messages"][-1]["content"] == [{"type": "text", "text": "The answer is B."}]
     assert json.loads(path.read_text())["images"] == ["q.png", "h.png"]  # paths stay relative to the folder
+    stamp = path.stat().st_mtime_ns
+    assert write_view(tmp_path, "answer_only") == path and path.stat().st_mtime_ns == stamp  # reused
+    # a rebuilt dataset (train.jsonl newer than the view) is seen afresh, not through the stale view
+    (tmp_path / "train.jsonl").write_text(json.dumps({**RECORD, "answer": "C"}) + "\n")
+    os.utime(tmp_path / "train.jsonl", ns=(stamp + 10**9, stamp + 10**9))
+    assert json.loads(write_view(tmp_path, "answer_only").read_text())["messages"][-1]["content"][0]["text"] \
+        == "The answer is C."
 
 
 def test_every_arm_recipe_loads():

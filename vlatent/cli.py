@@ -41,12 +41,20 @@ QUICKSTART_ARMS = [  # (name, recipe, model it starts from); mirage stage 2 cont
     ("mirage_stage2", "mirage_stage2.yaml", "mirage_stage1"),
     ("text_sft", "text_sft.yaml", "base"),
 ]
-QUICKSTART_MAZE = ["--size", "4", "--questions", "first_move", "--wall", "6"]  # thick walls: legible at 112 px
+# the quick start's tasks: builder arguments, what the report calls the set, answer budget (latent steps included)
+QUICKSTART_TASKS = {
+    # frozen-lake "is this action sequence safe?": the visual spatial planning task Mirage's release trains on
+    "vsp": {"build": ["--size", "4", "--questions", "safe", "--length", "2-3"], "max_new_tokens": 192,
+            "what": "4x4 frozen-lake maps (is a 2-3 move sequence safe?)",
+            "words": "the same walks written out cell by cell in words"},
+    "maze": {"build": ["--size", "4", "--questions", "first_move", "--wall", "6"], "max_new_tokens": 288,
+             "what": "4x4 mazes (which way is the first move?)", "words": "the same routes written out in words"},
+}
 FRESH_SEED = 20261205  # the quick start's second test set: a seed its training data never used
 
 
 def cmd_quickstart(args) -> int:
-    """The main job on the built-in tiny default: maze data -> DeepSpeed SFT (mirage 1+2, text) -> eval -> report."""
+    """The main job on the built-in tiny default: task data -> DeepSpeed SFT (mirage 1+2, text) -> eval -> report."""
     import subprocess
     import time
 
@@ -63,16 +71,18 @@ def cmd_quickstart(args) -> int:
     base = pretrained_base()
     minutes = {"base": (time.time() - t0) / 60}
     print(f"[1/4] the tiny Qwen2.5-VL that sees (pretrained on perception captions): {base}")
+    task = QUICKSTART_TASKS[args.task]
+    max_new_tokens = args.max_new_tokens or task["max_new_tokens"]
     data, fresh = out / "data", out / "fresh"
     build = _app("data_builders.__main__").main
     for folder, extra in ((data, ["--n", str(args.n), "--seed", "0"]),
                           (fresh, ["--n", "100", "--seed", str(FRESH_SEED), "--split", "0,0,1"])):
-        if not (folder / "dataset_info.json").is_file():
-            code = build(["maze", "--out", str(folder), *QUICKSTART_MAZE, *extra])
-            if code:
-                return code
+        # built afresh every run (seconds): a dataset left by another --task, --n or builder version is never reused
+        code = build([args.task, "--out", str(folder), *task["build"], *extra, "--overwrite"])
+        if code:
+            return code
     cot = write_view(data, "text_cot")  # the text baseline reasons in words: the builder's written-out trace
-    print(f"[2/4] 4x4 maze dataset: {data} (and a test set built with an unseen seed: {fresh})")
+    print(f"[2/4] {task['what']}: {data} (and a test set built with an unseen seed: {fresh})")
     env = {**__import__("os").environ, "PYTHONPATH": str(root)}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -93,17 +103,17 @@ def cmd_quickstart(args) -> int:
     evaluate, EvalError = _app("eval.run").evaluate, _app("eval.benchmarks").EvalError
     results = {}
     for name in ("mirage_stage2", "text_sft"):
-        print(f"[4/4] evaluating {name} on the held-out maze split and the unseen-seed set")
+        print(f"[4/4] evaluating {name} on the held-out {args.task} split and the unseen-seed set")
         model = LatentVLM.from_pretrained(out / name).eval()
         try:
-            results[name] = {which: evaluate(model, "maze", folder, out / "eval" / (name if which == "test" else
+            results[name] = {which: evaluate(model, args.task, folder, out / "eval" / (name if which == "test" else
                                                                                         f"{name}_fresh"),
-                                             split="test", batch_size=8, max_new_tokens=args.max_new_tokens)
+                                             split="test", batch_size=8, max_new_tokens=max_new_tokens)
                              for which, folder in (("test", data), ("fresh", fresh))}
         except EvalError as e:  # e.g. every example failed: one line naming the first failure; the models stay in OUT
             print(f"error: evaluating {name}: {e}", file=sys.stderr)
             return 1
-    report = _quickstart_report(out, base, results, minutes)
+    report = _quickstart_report(out, base, task, results, minutes)
     print(f"\nreport: {report}")
     return 0
 
@@ -116,7 +126,7 @@ def _majority(path: Path) -> float:
     return Counter(answers).most_common(1)[0][1] / len(answers)
 
 
-def _quickstart_report(out: Path, base: Path, results: dict, minutes: dict) -> Path:
+def _quickstart_report(out: Path, base: Path, task: dict, results: dict, minutes: dict) -> Path:
     """report.md: accuracy against the majority answer on both test sets, loss curves, a few example traces."""
     predictions = {name: [json.loads(line) for line in (out / "eval" / name / "predictions.jsonl").read_text()
                           .splitlines() if line] for name in results}
@@ -124,9 +134,9 @@ def _quickstart_report(out: Path, base: Path, results: dict, minutes: dict) -> P
                                                                                     ("fresh", "fresh"))}
     lines = ["# vlatent quick start", "",
              f"The tiny Qwen2.5-VL that sees (`{base}`: pretrained on perception captions of the builders' pictures, "
-             "never on their questions) fine-tuned with DeepSpeed on this machine on a small 4x4 maze set "
-             "(first-move questions): Mirage stage 1 then 2, and the text baseline (the same mazes with the route written out "
-             "in words: text chain of thought). Evaluated on the held-out "
+             f"never on their questions) fine-tuned with DeepSpeed on this machine on a small set of {task['what']}: "
+             f"Mirage stage 1 then 2, and the text baseline ({task['words']}: text chain of thought). "
+             "Evaluated on the held-out "
              "test split and on a test set built with a seed the training data never used. The scale is a demo of "
              "the whole loop, not a replication: see bench/LEARNING.md for the learning benchmark.", "",
              "| model | test accuracy | unseen-seed accuracy | distinct answers (test) | latent mode "
@@ -187,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the Gradio app: vlatent demo --model PATH [--host 127.0.0.1 --port 7860]")
     q = sub.add_parser("quickstart", help="run the main job on the built-in tiny default")
     q.add_argument("--out", default="runs/quickstart", help="where the data, models, evaluations and report go")
-    q.add_argument("--n", type=int, default=2000, help="maze examples to build (80/10/10 split)")
-    q.add_argument("--max-new-tokens", type=int, default=288,
-                   help="per answer, latent steps included (a 4x4 maze trace with K=4: ~115 tokens, at most ~285)")
+    q.add_argument("--task", choices=sorted(QUICKSTART_TASKS), default="vsp",
+                   help="vsp: frozen-lake safety (Mirage's own task; default), maze: first move in a 4x4 maze")
+    q.add_argument("--n", type=int, default=2000, help="examples to build (80/10/10 split)")
+    q.add_argument("--max-new-tokens", type=int, default=None,
+                   help="per answer, latent steps included (default: vsp 192, maze 288; the longest traces with K=4 "
+                        "take ~170 and ~285)")
     q.add_argument("--max-steps", type=int, default=None, help="override every arm's training steps (smoke runs)")
     q.set_defaults(fn=cmd_quickstart)
     argv = sys.argv[1:] if argv is None else argv

@@ -205,13 +205,16 @@ def present(records: list[dict], how: str) -> list[dict]:
 
 
 def write_view(folder: str | os.PathLike, how: str) -> Path:
-    """``folder/train.jsonl`` seen through ``present(.., how)``, written once beside it as ``train.{how}.jsonl``
-    (image paths stay relative to the folder); ``as_built`` is the file itself."""
+    """``folder/train.jsonl`` seen through ``present(.., how)``, written beside it as ``train.{how}.jsonl`` (image
+    paths stay relative to the folder) unless one newer than ``train.jsonl`` is there; ``as_built`` is the file."""
     folder = Path(folder)
+    source = folder / "train.jsonl"
     if how == "as_built":
-        return folder / "train.jsonl"
+        return source
     path = folder / f"train.{how}.jsonl"
-    if not path.is_file():
-        records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines() if line.strip()]
-        path.write_text("".join(json.dumps(r) + "\n" for r in present(records, how)))
+    if not path.is_file() or path.stat().st_mtime_ns < source.stat().st_mtime_ns:  # a rebuilt dataset: redo it
+        records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")  # concurrent bench jobs: each renames a whole file
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in present(records, how)))
+        os.replace(tmp, path)
     return path
