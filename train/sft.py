@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,7 +32,8 @@ RUN_FILE = "vlatent_run.json"  # the world size a run was started with: resuming
 
 def parse_args(argv, prog="vlatent train sft", description="SFT of a LatentVLM from a YAML recipe."):
     ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--config", required=True, help="YAML recipe (train/recipes/*.yaml)")
+    ap.add_argument("--config", required=True,
+                    help="a YAML recipe: a file, or a shipped recipe's name (mirage_stage1, tiny/mirage_stage1)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe entry, e.g. training.learning_rate=1e-5 (repeatable)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
@@ -103,7 +103,8 @@ def seed_run(recipe) -> int:
 
 def load_model(recipe, rank: int) -> tuple[LatentVLM, dict]:
     """The recipe's model with its freezing and LoRA applied; (model, parameter counts)."""
-    model = LatentVLM.from_pretrained(recipe.model, method=recipe.method, dtype=recipe.dtype, **recipe.method_config)
+    model = LatentVLM.from_pretrained(recipe.model, method=recipe.method, dtype=recipe.dtype,
+                                      attn_implementation=recipe.attn_implementation, **recipe.method_config)
     counts = apply_freezing(model, recipe.freeze_vision_tower, recipe.freeze_multi_modal_projector,
                             recipe.freeze_language_model)
     if recipe.lora is not None:
@@ -123,15 +124,15 @@ def training_arguments(recipe) -> TrainingArguments:
     return TrainingArguments(**training, deepspeed=recipe.deepspeed, remove_unused_columns=False)
 
 
-def run(trainer, out: Path, config: str, world_size: int, last: str | None, title: str) -> None:
-    """Train (or resume), then save the model with the recipe, the log history and the loss curves beside it."""
+def run(trainer, out: Path, recipe, world_size: int, last: str | None, title: str) -> None:
+    """Train (or resume), then save the model with the resolved recipe, the log history and the loss curves beside it."""
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps({"world_size": world_size, "recipe": str(config)}))
+        (out / RUN_FILE).write_text(json.dumps({"world_size": world_size, "recipe": recipe.source}))
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
-        shutil.copy(config, out / "recipe.yaml")
+        recipe.save(out / "recipe.yaml")  # overrides applied, paths resolved
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         plot_losses(trainer.state.log_history, out / "loss_curve.png", title=title)
         print(f"saved {out}")
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     train_data, sampler = model.method.training_data(train_records)  # the records, or a method's views + schedule
     trainer = LatentTrainer(model=model, args=training_arguments(recipe), train_dataset=train_data,
                             eval_dataset=eval_records, data_collator=collator, train_sampler=sampler)
-    run(trainer, out, args.config, world_size, last, title=f"{model.method.name} SFT")
+    run(trainer, out, recipe, world_size, last, title=f"{model.method.name} SFT")
     return 0
 
 

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # batch size vs num_generations, method vs score_latents
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(trainer, out, args.config, world_size, last, title=f"{model.method.name} VLPO")
+    run(trainer, out, recipe, world_size, last, title=f"{model.method.name} VLPO")
     return 0
 
 

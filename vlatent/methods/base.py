@@ -74,6 +74,7 @@ class LatentMethod(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_latents: ClassVar[bool] = True
+    stages: ClassVar[tuple[int, ...]] = (1,)  # the training stages ``config.stage`` may name
 
     def __init__(self, config: MethodConfig, hidden_size: int):
         super().__init__()

@@ -47,6 +47,7 @@ def pool_to_k(features: torch.Tensor, k: int) -> torch.Tensor:
 class Mirage(LatentMethod):
     name = "mirage"
     config_class = MirageConfig
+    stages = (1, 2)
 
     def latent_mode(self) -> str:
         return "latent"

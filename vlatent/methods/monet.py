@@ -148,6 +148,7 @@ def _no_zero3_init():
 class Monet(LatentMethod):
     name = "monet"
     config_class = MonetConfig
+    stages = tuple(STAGE_LATENT_MODES)
 
     def __init__(self, config: MonetConfig, hidden_size: int):
         super().__init__(config, hidden_size)

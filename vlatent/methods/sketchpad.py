@@ -161,6 +161,7 @@ def image_rows(input_ids: torch.Tensor, image_token_id: int) -> tuple[list[int],
 class Sketchpad(LatentMethod):
     name = "sketchpad"
     config_class = SketchpadConfig
+    stages = (1, 2)
 
     def __init__(self, config: SketchpadConfig, hidden_size: int):
         super().__init__(config, hidden_size)
