@@ -1,13 +1,17 @@
 """Benchmarks: MMMU, MMStar and the synthetic tasks as one list of ``Example``s, their prompts, the judgement of one
 output, and the scores of a run.
 
-Data comes by hub id through ``datasets.load_dataset`` (``MMMU/MMMU``: one config per subject, all 30; ``Lin-Chen/
-MMStar``) or, offline, from a folder of the hub's parquet files (``DIR/Accounting/validation-00000-of-00001.parquet``
-as the hub stores MMMU, ``DIR/mmstar.parquet`` for MMStar; any ``*.parquet`` below ``DIR``, those named after the split
-when some are). The hub schema is kept: MMMU ``id, question, options`` (a Python list literal), ``answer,
-question_type, image_1..image_7`` (``{"bytes", "path"}`` cells); MMStar ``index, question`` (options inline as
-``Options: A: ..., B: ...``), ``image, answer, category, l2_category``. The synthetic tasks read a ``data_builders``
-folder (``{split}.jsonl``).
+Data (``--data``) is a hub id read through ``datasets.load_dataset`` (``MMMU/MMMU``: one config per subject, all 30;
+``Lin-Chen/MMStar``), a folder of the hub's parquet files (``DIR/Accounting/validation-00000-of-00001.parquet`` as the
+hub stores MMMU, ``DIR/mmstar.parquet`` for MMStar; any ``*.parquet`` below ``DIR``, those named after the split when
+some are), or one ``.parquet``, ``.tsv`` or ``.jsonl`` file. A table is in the hub schema (MMMU ``id, question,
+options`` (a Python list literal), ``answer, question_type, image_1..image_7``; MMStar ``index, question`` (options
+inline as ``Options: A: ..., B: ...``), ``image, answer, category, l2_category``) or in VLMEvalKit's TSV layout
+(``index, question, A, B, ..., answer, category, l2-category, split, image``: options in letter columns, images as
+base64 text or the text of a list of them, or the index of the row whose image it shares), told apart by its
+columns; both give the same examples. An image cell may hold a path (relative to its file), base64 text, bytes, an
+HF ``{"bytes", "path"}`` cell or a PIL image. The synthetic tasks read a ``data_builders`` folder
+(``{split}.jsonl``).
 
 Prompts (``--prompt``):
 
@@ -27,9 +31,14 @@ the record's system and user text, verbatim.
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
+import csv
 import io
+import json
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +58,13 @@ FALLBACK_SEED = mmmu.DEFAULT_SEED
 
 MMMU_COLUMNS = ("id", "question", "options", "answer", "question_type", "image_1")
 MMSTAR_COLUMNS = ("index", "question", "image", "answer", "category", "l2_category")
+MMMU_TSV_COLUMNS = ("index", "question", "A", "image")  # VLMEvalKit's layout; test files carry no answer
+MMSTAR_TSV_COLUMNS = ("index", "question", "A", "answer", "category", "image")
+FILE_TYPES = (".parquet", ".tsv", ".jsonl")
+VLMEVALKIT_TSV = {  # what to name for an offline user (vlmeval/dataset/image_mcq.py DATASET_URL)
+    "mmmu": "MMMU_DEV_VAL.tsv / MMMU_TEST.tsv (https://opencompass.openxlab.space/utils/VLMEval/MMMU_DEV_VAL.tsv)",
+    "mmstar": "MMStar.tsv (https://opencompass.openxlab.space/utils/VLMEval/MMStar.tsv)",
+}
 MMMU_IMAGES = tuple(f"image_{k}" for k in range(1, 8))
 
 DIRECT_MC = "Answer with the option's letter from the given choices directly."
@@ -107,15 +123,44 @@ class Example:
 
 
 def open_image(source, where: str) -> Image.Image:
-    """Decode a path or an HF image cell to RGB now, so a broken image fails here and not inside generation."""
+    """Decode one image source to RGB now, so a broken image fails here and not inside generation. A source is a file
+    path, base64 text (VLMEvalKit's TSV; a ``data:`` URI too), encoded bytes, an HF ``{"bytes", "path"}`` cell or a
+    PIL image."""
     try:
         if isinstance(source, dict):
-            image = Image.open(io.BytesIO(source["bytes"])) if source.get("bytes") else Image.open(source["path"])
-        else:
+            source = source.get("bytes") or source.get("path")
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(source))
+        elif isinstance(source, str) and _is_file(source):
             image = Image.open(source)
+        elif isinstance(source, str):
+            image = Image.open(io.BytesIO(_base64(source, where)))
+        else:
+            raise ImageError(f"{where}: an image cell holds {type(source).__name__}, not a path, bytes or base64 text")
         return image.convert("RGB")
+    except ImageError:
+        raise
     except Exception as e:  # PIL raises many types for undecodable data
         raise ImageError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return len(text) < 4096 and Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: base64, not a path
+        return False
+
+
+def _base64(text: str, where: str) -> bytes:
+    """The bytes of base64 image text; text that is neither a file nor base64 is named in the error."""
+    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise ImageError(f"{where}: {shown!r} is neither an existing image file nor base64 image data") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,13 +178,12 @@ def load_examples(bench: Benchmark, data: str | None, split: str, prompt: str = 
     if data is None:
         raise EvalError(f"{bench.name} needs --data: a folder written by `vlatent build-data {bench.name}`")
     if bench.kind == "mmmu":
-        examples = [_mmmu_example(row, group, where, prompt) for group, where, row in
-                    _rows(data, split, list(mmmu.SUBJECTS.values()), MMMU_COLUMNS, MMMU_IMAGES)]
+        examples = [ex for table in _tables(bench, data, split, list(mmmu.SUBJECTS.values()))
+                    for ex in _mmmu_examples(table, split, prompt)]
         order = {subject: i for i, subject in enumerate(mmmu.SUBJECTS.values())}
         examples.sort(key=lambda ex: order[ex.info["subject"]])  # stable: file order within a subject
     elif bench.kind == "mmstar":
-        rows = _rows(data, split, [None], MMSTAR_COLUMNS, ("image",))
-        examples = [_mmstar_example(row, prompt) for _, _, row in rows]
+        examples = [ex for table in _tables(bench, data, split, [None]) for ex in _mmstar_examples(table, prompt)]
     else:
         examples = _synthetic_examples(bench.name, data, split)
     if not examples:
@@ -152,42 +196,76 @@ def load_examples(bench: Benchmark, data: str | None, split: str, prompt: str = 
     return examples
 
 
-def _rows(data: str, split: str, configs: list, required: tuple, image_columns: tuple) -> Iterator[tuple]:
-    """(config or folder name, where, row) for every row of a local parquet folder or a hub dataset."""
-    path = Path(data).expanduser()
-    if path.is_dir():
-        for file in _parquet_files(path, split):
-            try:
-                table = pq.read_table(file)
-            except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is both
-                raise EvalError(f"{file}: not a readable parquet file ({e})") from None
-            _require(table.column_names, required, str(file))
-            for i, row in enumerate(table.to_pylist()):
-                yield file.parent.name, f"{file.name} row {i}", row
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(data)) and not path.exists():
-        import datasets
+@dataclass
+class Table:
+    """The rows of one data file or hub config. ``group``: its folder or config name (an MMMU subject, where the hub
+    layout names one); ``root``: the folder relative image paths are read from."""
 
-        for config in configs:
-            try:
-                ds = datasets.load_dataset(str(data), config, split=split)
-            except Exception as e:  # offline, unknown repo or config: all mean "not loadable from the hub"
-                raise EvalError(f"--data {data!r} is not a folder, and loading it from the hub ({config or 'default'} "
-                                f"config, split {split!r}) failed: {e}; offline, pass --data DIR holding the hub's "
-                                "parquet files") from None
-            _require(ds.column_names, required, f"{data} ({config or 'default'})")
-            for column in image_columns:  # undecoded cells, as in the parquet files
-                if column in ds.column_names:
-                    ds = ds.cast_column(column, datasets.Image(decode=False))
-            for i, row in enumerate(ds):
-                yield config, f"{data} {config or ''} row {i}", row
+    where: str
+    columns: list[str]
+    rows: list[dict]
+    group: str | None
+    root: Path | None
+
+    def vlmevalkit(self) -> bool:
+        """VLMEvalKit's TSV layout (options in columns ``A``, ``B``, ...), whatever the file type."""
+        return "A" in self.columns and "options" not in self.columns
+
+    def require(self, required: tuple) -> None:
+        missing = [c for c in required if c not in self.columns]
+        if missing:
+            layout = "VLMEvalKit's TSV layout" if self.vlmevalkit() else "the hub schema"
+            raise EvalError(f"{self.where}: missing column(s) {', '.join(missing)}; expected {layout} "
+                            f"({', '.join(required)}, ...)")
+
+
+def _tables(bench: Benchmark, data: str, split: str, configs: list) -> Iterator[Table]:
+    """The tables of ``--data``: one file, a folder of the hub's parquet files, or a hub id."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        yield _read_file(path)
+    elif path.is_dir():
+        for file in _parquet_files(path, split):
+            yield _read_file(file)
+    elif re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(data)) and path.suffix.lower() not in FILE_TYPES:
+        yield from _hub_tables(bench, str(data), split, configs)
     else:
-        raise EvalError(f"--data {data!r} is neither a folder nor a hub id (org/name)")
+        raise EvalError(f"--data {data!r}: no such file or folder (nor a hub id, org/name)")
+
+
+def _read_file(file: Path) -> Table:
+    """A ``.parquet``, ``.tsv`` (VLMEvalKit: tab separated, a header line) or ``.jsonl`` file as a table."""
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            table = pq.read_table(file)
+            columns, rows = table.column_names, table.to_pylist()
+        elif suffix == ".tsv":
+            csv.field_size_limit(sys.maxsize)  # base64 images are long fields
+            with open(file, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t")
+                rows, columns = list(reader), list(reader.fieldnames or [])
+        elif suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise EvalError(f"{file} line {n}: not a JSON object ({e})") from None
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+        else:
+            raise EvalError(f"{file}: not a .parquet, .tsv or .jsonl file")
+    except (OSError, ValueError, csv.Error, UnicodeDecodeError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise EvalError(f"{file}: not a readable {suffix.lstrip('.')} file ({e})") from None
+    return Table(str(file), columns, rows, file.parent.name, file.parent)
 
 
 def _parquet_files(root: Path, split: str) -> list[Path]:
     files = sorted(root.rglob("*.parquet"))
     if not files:
-        raise EvalError(f"{root}: no .parquet files in this folder or below")
+        raise EvalError(f"{root}: no .parquet files in this folder or below (a VLMEvalKit .tsv or a .jsonl file: "
+                        "pass the file itself as --data)")
     named = [f for f in files if f.name == f"{split}.parquet" or f.name.startswith(f"{split}-")]
     if named:
         return named
@@ -197,11 +275,78 @@ def _parquet_files(root: Path, split: str) -> list[Path]:
     return files
 
 
-def _require(columns, required: tuple, where: str) -> None:
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise EvalError(f"{where}: missing column(s) {', '.join(missing)}; expected the hub schema "
-                        f"({', '.join(required)}, ...)")
+def _hub_tables(bench: Benchmark, data: str, split: str, configs: list) -> Iterator[Table]:
+    import datasets
+
+    for config in configs:
+        try:
+            ds = datasets.load_dataset(data, config, split=split)
+        except Exception as e:  # offline, unknown repo or config: all mean "not loadable from the hub"
+            tsv = f", or VLMEvalKit's {VLMEVALKIT_TSV[bench.kind]} file" if bench.kind in VLMEVALKIT_TSV else ""
+            raise EvalError(f"--data {data!r} is not a file or folder, and loading it from the hub ({config or 'default'} "
+                            f"config, split {split!r}) failed: {type(e).__name__}: {e}. Offline, download it first: "
+                            f"`hf download {data} --repo-type dataset --local-dir ~/data/{data.split('/')[-1]}` and "
+                            f"pass --data ~/data/{data.split('/')[-1]}{tsv}") from None
+        for column in ds.column_names:  # undecoded cells, as in the parquet files
+            if isinstance(ds.features[column], datasets.Image):
+                ds = ds.cast_column(column, datasets.Image(decode=False))
+        yield Table(f"{data} ({config or 'default'})", ds.column_names, list(ds), config, None)
+
+
+def _sources(value, root: Path | None) -> list:
+    """The image sources of one cell: nothing, a path (made absolute when it names a file below ``root``), base64 text,
+    bytes, an HF ``{"bytes", "path"}`` cell or a PIL image, or a list of these (VLMEvalKit writes several images as
+    the text of a Python list)."""
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")
+    if value is None or value == "":
+        return []
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # not a list after all: one source, which fails to decode with its text in the error
+    if isinstance(value, (list, tuple)):
+        return [source for item in value for source in _sources(item, root)]
+    if isinstance(value, str) and root is not None and not Path(value).is_absolute() and _is_file(str(root / value)):
+        return [str(root / value)]
+    return [value]
+
+
+def _tsv_images(table: Table) -> list[list]:
+    """Each row's images in VLMEvalKit's layout: an ``image`` cell of 64 characters or fewer is the index of the row
+    whose image it shares (VLMEvalKit's ``ImageBaseDataset.__init__``)."""
+    by_index = {str(row["index"]): row.get("image") for row in table.rows}
+    images = []
+    for row in table.rows:
+        value = row.get("image")
+        if isinstance(value, str) and 0 < len(value) <= 64 and by_index.get(value) not in (None, value):
+            value = by_index[value]
+        images.append(_sources(value, table.root))
+    return images
+
+
+def _tsv_options(row: dict) -> list[str]:
+    """The options of a VLMEvalKit row: columns ``A``, ``B``, ... up to the first empty one."""
+    options = []
+    for letter in LETTERS:
+        value = row.get(letter)
+        if value is None or value == "" or value != value:  # missing, empty, NaN
+            break
+        options.append(str(value))
+    return options
+
+
+def _tsv_split(table: Table, split: str) -> list[int]:
+    """The rows of ``split`` in a VLMEvalKit table (its ``split`` column; all rows where it has none)."""
+    if "split" not in table.columns:
+        return list(range(len(table.rows)))
+    keep = [i for i, row in enumerate(table.rows) if row.get("split") == split]
+    if table.rows and not keep:
+        found = sorted({str(row.get("split")) for row in table.rows})
+        raise EvalError(f"{table.where}: no {split!r} rows (its split column holds {', '.join(found)}); choose one "
+                        "with --split")
+    return keep
 
 
 def _vlmevalkit_prompt(question: str, options: list[str] | None) -> str:
@@ -226,13 +371,32 @@ def mmstar_prompt(question: str, stem: str, options: list[str], style: str) -> s
     return _vlmevalkit_prompt(stem, options) if style == "vlmevalkit" else f"{question}\n{DIRECT_MC}"
 
 
-def _mmmu_example(row: dict, group: str, where: str, style: str) -> Example:
+def _mmmu_examples(table: Table, split: str, style: str) -> list[Example]:
+    """MMMU examples of one table, in the hub schema or VLMEvalKit's TSV layout (``MMMU_DEV_VAL.tsv``: options in
+    ``A``..``I``, empty for open questions; the subject in ``id`` or ``l2-category``; rows of every split)."""
+    if not table.vlmevalkit():
+        table.require(MMMU_COLUMNS)
+        return [_mmmu_example(row, [s for c in MMMU_IMAGES for s in _sources(row.get(c), table.root)], table.group,
+                              f"{table.where} row {i}", style) for i, row in enumerate(table.rows)]
+    table.require(MMMU_TSV_COLUMNS)
+    images, examples = _tsv_images(table), []
+    for i in _tsv_split(table, split):
+        row, options = table.rows[i], _tsv_options(table.rows[i])
+        hub = {"id": row.get("id") or str(row["index"]), "question": row["question"], "options": options,
+               "answer": row.get("answer") or "",
+               "question_type": row.get("question_type") or ("multiple-choice" if options else "open")}
+        subject = str(row.get("l2-category") or row.get("category") or "").replace(" ", "_")
+        examples.append(_mmmu_example(hub, images[i], subject, f"{table.where} row {i}", style))
+    return examples
+
+
+def _mmmu_example(row: dict, images: list, group: str | None, where: str, style: str) -> Example:
+    """One MMMU example from a hub-schema row; the subject is ``group`` (folder, config) or comes from the id."""
     rid, qtype = str(row["id"]), row["question_type"]
     subject = group if group in mmmu.SUBJECT_TO_DISCIPLINE else "_".join(rid.split("_")[1:-1])
     if subject not in mmmu.SUBJECT_TO_DISCIPLINE:
-        raise EvalError(f"{where}: id {rid!r}: cannot tell its MMMU subject from its folder or its id")
+        raise EvalError(f"{where}: id {rid!r}: cannot tell its MMMU subject from its folder, its id or its category")
     info = {"subject": subject, "question_type": qtype}
-    images = [row[c] for c in MMMU_IMAGES if row.get(c)]
     answer = _mmmu_gold(row["answer"])
 
     def bad(reason: str) -> Example:
@@ -280,18 +444,34 @@ def mmstar_options(question: str) -> tuple[str, list[str]] | None:
     return stem.strip(), texts
 
 
-def _mmstar_example(row: dict, style: str) -> Example:
+def _mmstar_examples(table: Table, style: str) -> list[Example]:
+    """MMStar examples of one table: the hub schema (options inline in the question) or VLMEvalKit's ``MMStar.tsv``
+    layout (the question's stem, options in ``A``..``D``), which gives the hub's question back."""
+    if not table.vlmevalkit():
+        table.require(MMSTAR_COLUMNS)
+        return [_mmstar_example(row, row["question"], mmstar_options(row["question"]),
+                                _sources(row["image"], table.root), row["l2_category"], style) for row in table.rows]
+    table.require(MMSTAR_TSV_COLUMNS)
+    examples = []
+    for row, images in zip(table.rows, _tsv_images(table)):
+        stem, options = str(row["question"]).strip(), _tsv_options(row)
+        question = f"{stem}\nOptions: " + ", ".join(f"{letter}: {text}" for letter, text in zip(LETTERS, options))
+        l2 = row.get("l2-category", row.get("l2_category", ""))
+        examples.append(_mmstar_example(row, question, (stem, options) if options else None, images, l2, style))
+    return examples
+
+
+def _mmstar_example(row: dict, question: str, parsed: tuple | None, images: list, l2: str, style: str) -> Example:
     rid = str(row["index"])
-    info = {"category": row["category"], "l2_category": row["l2_category"], "question_type": "multiple-choice"}
-    parsed = mmstar_options(row["question"])
+    info = {"category": row["category"], "l2_category": l2, "question_type": "multiple-choice"}
     if parsed is None:
         return Example(rid, "", [], row["answer"], None, "multiple-choice", info,
-                       error="question has no 'Options: A: ..., B: ...' list")
-    if not row.get("image"):
+                       error="question has no 'Options: A: ..., B: ...' list (nor options in columns A, B, ...)")
+    if not images:
         return Example(rid, "", [], row["answer"], None, "multiple-choice", info, error="image is missing")
     stem, options = parsed
-    return Example(rid, mmstar_prompt(row["question"], stem, options, style), [row["image"]], str(row["answer"]),
-                   options, "multiple-choice", info)
+    return Example(rid, mmstar_prompt(question, stem, options, style), images, str(row["answer"]), options,
+                   "multiple-choice", info)
 
 
 def _synthetic_examples(task: str, data: str, split: str) -> list[Example]:
@@ -388,15 +568,38 @@ def _per(rows: list[dict], key: str) -> dict:
 
 def score(bench: Benchmark, rows: list[dict]) -> dict:
     """Scores of a run from its prediction rows alone. MMMU: ``mmmu_scores`` (per subject and discipline, the
-    official weighting); MMStar: ``mmstar_scores`` (per category and l2 category; ``failed`` = ``fallback``);
-    synthetic: accuracy per task and question type. Error rows count as wrong answers (the denominators stay the
-    benchmark's); ``errors`` says how many there were."""
+    official weighting); MMStar: ``mmstar_scores`` (per category and l2 category); synthetic: accuracy per task and
+    question type. Answers not found in the output are ``fallbacks`` for every benchmark (``mmstar_scores`` calls them
+    ``failed``). Error rows count as wrong answers (the denominators stay the benchmark's); ``errors`` says how many
+    there were."""
     if bench.kind == "mmmu":
         scores = mmmu_scores(rows)
     elif bench.kind == "mmstar":
-        scores = mmstar_scores([{**r, "failed": r["fallback"]} for r in rows])
+        scores = _renamed(mmstar_scores([{**r, "failed": r["fallback"]} for r in rows]), "failed", "fallbacks")
     else:
         overall = _group_scores(rows)
         scores = {"overall": overall.pop("acc"), **overall, "per_task": _per(rows, "task"),
                   "per_question_type": _per(rows, "question_type")}
     return {"benchmark": bench.name, **scores, "errors": sum(1 for r in rows if r.get("error"))}
+
+
+def _renamed(value, old: str, new: str):
+    if isinstance(value, dict):
+        return {(new if key == old else key): _renamed(v, old, new) for key, v in value.items()}
+    return value
+
+
+def mmmu_submission(examples: list[Example], rows: list[dict]) -> dict[str, str]:
+    """The file the MMMU evaluation server takes for the test split: one JSON object, id -> answer, the parsed letter
+    for a multiple-choice question and the response for an open one (MMMU-Benchmark/MMMU@bb0b95a ``mmmu/README.md``
+    lines 12-20, ``mmmu/run_llava.py`` lines 25-29). An example that failed answers as an empty response does (its
+    seeded random letter, an empty string)."""
+    by_id = {row["id"]: row for row in rows}
+    answers = {}
+    for ex in examples:
+        row = by_id[ex.id]
+        if row["error"] is None:
+            answers[ex.id] = row["parsed"] if ex.question_type == "multiple-choice" else answer_text(row["output"])
+        else:
+            answers[ex.id] = judge(BENCHMARKS["mmmu"], ex, "")["parsed"] if ex.options else ""
+    return answers

@@ -16,17 +16,13 @@ SHOWN_EXAMPLES = 3  # right and wrong answers each
 OUTPUT_CHARS = 400
 
 
-def _fallbacks(group: dict) -> int:
-    return group.get("fallbacks", group.get("failed", 0))  # mmstar_scores calls them "failed"
-
-
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _table(groups: dict) -> list[str]:
     lines = ["| group | accuracy | correct | num | fallbacks |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {_cell(name)} | {100 * g['acc']:.1f} | {g['correct']} | {g['num']} | {_fallbacks(g)} |"
+    lines += [f"| {_cell(name)} | {100 * g['acc']:.1f} | {g['correct']} | {g['num']} | {g['fallbacks']} |"
               for name, g in groups.items()]
     return lines
 
@@ -38,7 +34,7 @@ def write_report(out: Path, kind: str, settings: dict, scores: dict, rows: list[
     lines = [f"# {settings['bench']} ({settings['split']})", "",
              " · ".join(f"{k}: `{v}`" for k, v in settings.items() if k not in ("bench", "split")), "",
              "## Overall", "", "| accuracy | correct | num | fallbacks | errors |", "|---:|---:|---:|---:|---:|",
-             f"| {100 * scores['overall']:.2f} | {scores['correct']} | {scores['num']} | {_fallbacks(scores)} | "
+             f"| {100 * scores['overall']:.2f} | {scores['correct']} | {scores['num']} | {scores['fallbacks']} | "
              f"{scores['errors']} |", "",
              "Fallbacks: answers not found in the output (MMMU: judged on its seeded random letter, as the official "
              "code does; otherwise judged wrong). Errors: examples that could not run, judged wrong.", ""]
@@ -78,6 +74,23 @@ def write_report(out: Path, kind: str, settings: dict, scores: dict, rows: list[
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     title = f"{settings['bench']} ({settings['split']})"
     plot_groups(out / "scores.png", scores[CHART[kind]], scores["overall"], title)
+
+
+def write_summary(out: Path, results: dict) -> str:
+    """``summary.md`` of a command that ran several benchmarks (``results``: name -> (split, scores or the error)); its
+    table is returned for the terminal too."""
+    lines = ["| benchmark | split | accuracy | correct | num | fallbacks | errors | report |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, (split, scores) in results.items():
+        if isinstance(scores, dict):
+            lines.append(f"| {name} | {split} | {100 * scores['overall']:.2f} | {scores['correct']} | {scores['num']} | "
+                         f"{scores['fallbacks']} | {scores['errors']} | [{name}/report.md]({name}/report.md) |")
+        else:
+            lines.append(f"| {name} | {split} | error: {_cell(scores)} | | | | | |")
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(f"# Summary\n\n{table}\n", encoding="utf-8")
+    return table
 
 
 def plot_groups(path: Path, groups: dict, overall: float, title: str) -> None:

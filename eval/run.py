@@ -46,10 +46,11 @@ from vlatent.model import LatentVLM
 from vlatent.scoring import mmstar_gain_leakage
 
 from .benchmarks import (BENCHMARKS, PROMPTS, Benchmark, EvalError, Example, ImageError, get_benchmark, judge,
-                         load_examples, score)
-from .report import write_report
+                         load_examples, mmmu_submission, score)
+from .report import write_report, write_summary
 
 PREDICTIONS = "predictions.jsonl"
+SUBMISSION = "submission.json"  # MMMU test split: id -> answer, for the MMMU evaluation server
 LATENT_MODES = ("auto", "on", "off")  # see the module docstring
 POLL_SECONDS = 2.0  # how often rank 0 looks for the other ranks' rows
 
@@ -113,6 +114,8 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
     if baselines:
         scores["multimodal_gain"] = mmstar_gain_leakage(scores, *baselines)
     _write_json(out / "scores.json", scores)
+    if bench.kind == "mmmu" and split == "test":  # answers withheld: the file to submit is the result
+        _write_json(out / SUBMISSION, mmmu_submission(examples, rows))
     write_report(out, bench.kind, settings, scores, rows)
     return scores
 
@@ -309,12 +312,17 @@ def parser() -> argparse.ArgumentParser:
                                 "task: batched, resumable, shardable with torchrun. See eval/README.md.")
     p.add_argument("--model", required=True, help="vlatent checkpoint folder or hub id")
     p.add_argument("--method", default=None, help="latent method, for a base VLM without vlatent_config.json")
-    p.add_argument("--bench", required=True, choices=list(BENCHMARKS))
-    p.add_argument("--data", default=None,
-                   help="hub id or folder of the hub's parquet files (default: the benchmark's hub id); for a "
-                        "synthetic task, a folder written by `vlatent build-data`")
+    p.add_argument("--bench", required=True, type=_benches, metavar="NAME[,NAME...]",
+                   help=f"one or several of {', '.join(BENCHMARKS)}, comma separated; several: each into OUT/NAME, "
+                        "with OUT/summary.md")
+    p.add_argument("--data", action="append", default=None,
+                   help="hub id, folder of the hub's parquet files, or one .parquet / .tsv (VLMEvalKit) / .jsonl file "
+                        "(default: the benchmark's hub id); for a synthetic task, a folder written by `vlatent "
+                        "build-data`. With several benchmarks: once for all, or once per benchmark in --bench order")
     p.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
-    p.add_argument("--split", default=None, help="default: validation (MMMU), val (MMStar), test (synthetic)")
+    p.add_argument("--split", action="append", default=None,
+                   help="default: validation (MMMU), val (MMStar), test (synthetic); MMMU test also writes "
+                        "submission.json. With several benchmarks: once for all, or once per benchmark")
     p.add_argument("--batch-size", type=_positive, default=8, help="examples per generation batch (default: 8)")
     p.add_argument("--max-new-tokens", type=_positive, default=256,
                    help="positions generated per answer, latent steps included (default: 256)")
@@ -337,6 +345,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _benches(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if name not in BENCHMARKS:
+            raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(BENCHMARKS)})")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"a benchmark is named twice in {text!r}")
+    return names
+
+
+def _per_bench(flag: str, values: list | None, benches: list[str]) -> list:
+    """One value of a repeatable option per benchmark: none (defaults), one for all, or one each in order."""
+    if not values:
+        return [None] * len(benches)
+    if len(values) in (1, len(benches)):
+        return values * len(benches) if len(values) == 1 else values
+    raise EvalError(f"{flag} is given {len(values)} times for {len(benches)} benchmarks ({', '.join(benches)}); give "
+                    "it once for all of them or once per benchmark, in --bench order")
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -348,19 +376,34 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad argument (2), already printed by argparse
         return e.code if isinstance(e.code, int) else 2
+    benches, many = args.bench, len(args.bench) > 1
     try:
+        datas, splits = _per_bench("--data", args.data, benches), _per_bench("--split", args.split, benches)
+        if many and (args.gain_against or args.leakage_against):
+            raise EvalError("--gain-against / --leakage-against compare one MMStar run: use them with --bench mmstar")
         model = _load_model(args)
-        scores = evaluate(model, args.bench, args.data, args.out, split=args.split, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, latent=args.latent, limit=args.limit,
-                          prompt=args.prompt, images=args.images, gain_against=args.gain_against,
-                          leakage_against=args.leakage_against)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if scores:
-        print(f"{args.bench}: {100 * scores['overall']:.2f}% of {scores['num']} ({scores['errors']} errors); "
-              f"{Path(args.out) / 'report.md'}")
-    return 0
+    results = {}
+    for bench, data, split in zip(benches, datas, splits):
+        out = Path(args.out) / bench if many else Path(args.out)
+        try:
+            scores = evaluate(model, bench, data, out, split=split, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, latent=args.latent, limit=args.limit,
+                              prompt=args.prompt, images=args.images, gain_against=args.gain_against,
+                              leakage_against=args.leakage_against)
+        except EvalError as e:  # with several benchmarks the others still run; the command fails at the end
+            print(f"error: {bench + ': ' if many else ''}{e}", file=sys.stderr)
+            results[bench] = (split or BENCHMARKS[bench].default_split, str(e))
+            continue
+        results[bench] = (split or BENCHMARKS[bench].default_split, scores)
+        if scores:
+            print(f"{bench}: {100 * scores['overall']:.2f}% of {scores['num']} ({scores['errors']} errors); "
+                  f"{out / 'report.md'}")
+    if many and int(os.environ.get("RANK", 0)) == 0:
+        print(write_summary(Path(args.out), results))
+    return 2 if any(isinstance(scores, str) for _, scores in results.values()) else 0
 
 
 def _load_model(args) -> LatentVLM:
