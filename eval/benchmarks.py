@@ -282,11 +282,12 @@ def _hub_tables(bench: Benchmark, data: str, split: str, configs: list) -> Itera
         try:
             ds = datasets.load_dataset(data, config, split=split)
         except Exception as e:  # offline, unknown repo or config: all mean "not loadable from the hub"
+            local = f"~/data/{data.split('/')[-1]}"
             tsv = f", or VLMEvalKit's {VLMEVALKIT_TSV[bench.kind]} file" if bench.kind in VLMEVALKIT_TSV else ""
-            raise EvalError(f"--data {data!r} is not a file or folder, and loading it from the hub ({config or 'default'} "
-                            f"config, split {split!r}) failed: {type(e).__name__}: {e}. Offline, download it first: "
-                            f"`hf download {data} --repo-type dataset --local-dir ~/data/{data.split('/')[-1]}` and "
-                            f"pass --data ~/data/{data.split('/')[-1]}{tsv}") from None
+            raise EvalError(f"--data {data!r} is not a file or folder, and loading it from the hub "
+                            f"({config or 'default'} config, split {split!r}) failed: {type(e).__name__}: {e}. "
+                            f"Offline, download it first: `hf download {data} --repo-type dataset --local-dir "
+                            f"{local}` and pass --data {local}{tsv}") from None
         for column in ds.column_names:  # undecoded cells, as in the parquet files
             if isinstance(ds.features[column], datasets.Image):
                 ds = ds.cast_column(column, datasets.Image(decode=False))

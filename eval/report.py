@@ -83,8 +83,9 @@ def write_summary(out: Path, results: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, (split, scores) in results.items():
         if isinstance(scores, dict):
-            lines.append(f"| {name} | {split} | {100 * scores['overall']:.2f} | {scores['correct']} | {scores['num']} | "
-                         f"{scores['fallbacks']} | {scores['errors']} | [{name}/report.md]({name}/report.md) |")
+            link = f"[{name}/report.md]({name}/report.md)"
+            lines.append(f"| {name} | {split} | {100 * scores['overall']:.2f} | {scores['correct']} | "
+                         f"{scores['num']} | {scores['fallbacks']} | {scores['errors']} | {link} |")
         else:
             lines.append(f"| {name} | {split} | error: {_cell(scores)} | | | | | |")
     table = "\n".join(lines)
