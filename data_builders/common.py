@@ -108,19 +108,23 @@ def split_fractions(text: str) -> tuple[float, float, float]:
     return parts
 
 
-def output_dir(text: str) -> Path:
+def _no_file_in_the_way(text: str) -> Path:
+    """An output path whose missing parent folders can be created (they are, when it is written)."""
     path = Path(text)
-    if not path.parent.resolve().is_dir():
-        raise argparse.ArgumentTypeError(f"the parent folder of {text!r} does not exist")
+    if blocking := next((p for p in path.resolve().parents if p.exists() and not p.is_dir()), None):
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(blocking)!r} is a file, not a folder")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    path = _no_file_in_the_way(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
     return path
 
 
 def output_file(text: str) -> Path:
-    if not Path(text).parent.resolve().is_dir():
-        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist")
-    return Path(text)
+    return _no_file_in_the_way(text)
 
 
 def existing_file(text: str) -> Path:
@@ -145,7 +149,7 @@ def builder_parser(name: str, doc: str, *, split: str) -> argparse.ArgumentParse
     """A parser with the options every builder has."""
     p = tool_parser(name, doc)
     p.add_argument("--out", type=output_dir, required=True, default=argparse.SUPPRESS,
-                   help="output folder (its parent must exist)")
+                   help="output folder (missing parents are created)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--split", type=split_fractions, default=split, metavar="TRAIN,VAL,TEST",
                    help="fractions of the examples per split")
@@ -198,6 +202,7 @@ class DatasetWriter:
 
     def __enter__(self) -> "DatasetWriter":
         real = self.out.resolve()  # beside the real folder, so the final moves are renames on one file system
+        real.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".building", dir=real.parent))
         self.new, self.images = self.tmp / "new", self.tmp / "new" / "images"
         self.images.mkdir(parents=True)  # not mkdtemp's private mode: the dataset gets the usual permissions

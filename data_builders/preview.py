@@ -58,6 +58,7 @@ def preview(args) -> None:
                 ax.imshow(im.convert("RGB"))
             ax.set_title(title, fontsize=8)
         line[0].text(0, -0.04, caption, transform=line[0].transAxes, fontsize=5.5, va="top", family="monospace")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
     plt.close(fig)
     print(f"wrote {args.out}: {len(rows)} examples from {path}")

@@ -442,9 +442,12 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, args, message):
     assert message in err and "Traceback" not in err
 
 
-def test_missing_output_parent_and_bad_sources(tmp_path, capsys):
-    assert main(["maze", "--out", str(tmp_path / "no" / "such" / "dir")]) == 2
-    assert "the parent folder of" in capsys.readouterr().err
+def test_missing_output_parents_are_created_and_bad_sources(tmp_path, capsys):
+    assert main(["maze", "--out", str(tmp_path / "no" / "such" / "dir"), "--n", "10", "--size", "4"]) == 0
+    assert len((tmp_path / "no" / "such" / "dir" / "train.jsonl").read_text().splitlines()) == 8  # 80% of 10
+    (tmp_path / "file").write_text("")
+    assert main(["maze", "--out", str(tmp_path / "file" / "dir")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     (tmp_path / "broken.json").write_text('[{"id": 1,')
     assert main(["llava", "--source", str(tmp_path / "broken.json"), "--out", str(tmp_path / "o")]) == 2
     assert "broken.json: invalid JSON" in capsys.readouterr().err

@@ -62,9 +62,10 @@ def cmd_quickstart(args) -> int:
 
     from .data import write_view
     from .model import LatentVLM
+    from .shipped import apps_root
     from .testing import pretrained_base
 
-    root = Path(__file__).resolve().parents[1]
+    root = apps_root()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -88,7 +89,7 @@ def cmd_quickstart(args) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
     for name, recipe, start in QUICKSTART_ARMS:
         t0 = time.time()
-        cmd = [sys.executable, str(root / "train" / "sft.py"), "--config", str(root / "train/recipes/tiny" / recipe),
+        cmd = [sys.executable, str(root / "train" / "sft.py"), "--config", f"tiny/{recipe}",  # a shipped recipe
                "--set", f"model={base if start == 'base' else out / start}",
                "--set", f"data.train={cot if name == 'text_sft' else data / 'train.jsonl'}",
                "--set", f"training.output_dir={out / name}", "--overwrite"]
@@ -168,14 +169,16 @@ def _quickstart_report(out: Path, base: Path, task: dict, results: dict, minutes
 
 
 def _app(module: str):
-    """Import an app module (``data_builders``, ``train``, ``eval``, ``demo``) from the source checkout.
+    """Import an app module (``data_builders``, ``train``, ``eval``, ``demo``) from the checkout or the install
+    (``vlatent/_apps``, see ``vlatent.shipped``).
 
     The CLI is the one place in the package that reaches the apps, lazily; the library proper never does.
     """
-    root = Path(__file__).resolve().parents[1]
+    from .shipped import apps_root
+
+    root = apps_root()
     if not (root / module.split(".")[0]).is_dir():
-        raise SystemExit(f"this command needs the source checkout: {root / module.split('.')[0]} is missing "
-                         "(install vlatent with `pip install -e .` from a clone)")
+        raise SystemExit(f"{root / module.split('.')[0]} is missing: reinstall vlatent (`pip install .`)")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return importlib.import_module(module)
@@ -184,6 +187,7 @@ def _app(module: str):
 # subcommand -> the app module whose main(argv) runs it
 APPS = {"build-data": "data_builders.__main__", "train": "train.__main__", "eval": "eval.run", "demo": "demo.app",
         "pretrain-base": "train.pretrain_base"}
+EXTRAS = {"gradio": "demo", "deepspeed": "train"}  # optional packages (setup.py extras) an app may import
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     q.set_defaults(fn=cmd_quickstart)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in APPS:  # the apps parse their own arguments, --help included
-        return _app(APPS[argv[0]]).main(argv[1:])
+        try:
+            app = _app(APPS[argv[0]])
+        except ModuleNotFoundError as e:  # an optional part not installed: say which extra brings it
+            if e.name not in EXTRAS:
+                raise
+            raise SystemExit(f"error: vlatent {argv[0]} needs {e.name}: pip install 'vlatent[{EXTRAS[e.name]}]'")
+        return app.main(argv[1:])
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -435,7 +435,9 @@ def pretrained_base(out_dir=None) -> Path:
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "train" / "pretrain_base.py"
+    from .shipped import apps_root
+
+    script = apps_root() / "train" / "pretrain_base.py"
     if not script.is_file():
         raise FileNotFoundError(f"no pretrained tiny base in {SHIPPED_BASE} or {path}, and no {script} to build one")
     subprocess.run([sys.executable, str(script), "--out", str(path), "--overwrite"], check=True)
