@@ -109,3 +109,52 @@ def test_text_method_generates_without_latents(tiny_base):
 def test_bad_input_is_named(mirage_model, images, prompts, kwargs, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         mirage_model.generate(images, prompts, **kwargs)
+
+
+def test_chat_messages_render_as_the_template_does(mirage_model):
+    """A system prompt and earlier turns reach the model as the processor's own chat template renders them; a one-turn
+    conversation is the plain string prompt."""
+    from vlatent.generation import encode_prompts
+
+    history = [{"role": "system", "content": "You solve mazes."},
+               {"role": "user", "content": [{"type": "text", "text": "Hi."}]},
+               {"role": "assistant", "content": "Hello."},
+               {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which way first?"}]}]
+    template = [dict(m, content=[{"type": "text", "text": m["content"]}]) if isinstance(m["content"], str) else m
+                for m in history]
+    proc = mirage_model.processor
+    text = proc.apply_chat_template(template, tokenize=False, add_generation_prompt=True)
+    expected = proc(text=[text], images=[[IMAGES[0]]], add_special_tokens=False)["input_ids"][0]
+    ids = encode_prompts(mirage_model, [[IMAGES[0]]], [history], [""])["input_ids"][0].tolist()
+    assert ids == list(expected)
+    assert "You solve mazes." in text and text.index("Hello.") < text.index("Which way first?")
+    one_turn = mirage_model.generate(IMAGES[0], [{"role": "user", "content": "Which way first?"}], max_new_tokens=6)
+    string = mirage_model.generate(IMAGES[0], "Which way first?", max_new_tokens=6)
+    assert one_turn[0].segments[0].token_ids == string[0].segments[0].token_ids
+
+
+def test_chat_messages_place_images_where_marked(mirage_model):
+    """With an image item in the second user turn, the image tokens sit after the first turn's text."""
+    from vlatent.generation import encode_prompts
+
+    messages = [{"role": "user", "content": "First a question."}, {"role": "assistant", "content": "Ok."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Now look."}]}]
+    ids = encode_prompts(mirage_model, [[IMAGES[0]]], [messages], [""])["input_ids"][0].tolist()
+    tok = mirage_model.tokenizer
+    image_pos = ids.index(tok.convert_tokens_to_ids("<|image_pad|>"))
+    assert tok.decode(ids[:image_pos]).count("<|im_start|>user") == 2  # the image is in the second user turn
+
+
+@pytest.mark.parametrize("prompts, kwargs, error, match", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], {}, ValueError,
+     "last message must be the user's"),
+    ([{"role": "tool", "content": "q"}], {}, ValueError, r"message 0: needs role system, user or assistant"),
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]}], {},
+     ValueError, r"prompts\[0\]: the messages mark 2 image\(s\), the row has 1"),
+    ([{"role": "user", "content": [{"type": "video"}]}], {}, ValueError, "content must be a string or a list"),
+    ("q", {"num_beams": 4}, TypeError, "does not support num_beams: .*one sequence per prompt"),
+    ("q", {"top_k": 5, "repetition_penalty": 1.1}, TypeError, "does not support repetition_penalty, top_k"),
+])
+def test_bad_chat_messages_and_generation_options_are_refused(mirage_model, prompts, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mirage_model.generate(IMAGES[0], prompts, max_new_tokens=4, **kwargs)

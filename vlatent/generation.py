@@ -67,11 +67,14 @@ def _as_image(x, where: str) -> Image.Image:
 
 
 def normalize_inputs(images, prompts, prefix):
-    """-> (per-row image lists, prompts, per-row prefixes), checking types and counts (VLPO's rollouts too)."""
-    if isinstance(prompts, str):
+    """-> (per-row image lists, prompts, per-row prefixes), checking types and counts (VLPO's rollouts too). A prompt
+    is a string or a list of chat messages (``chat_messages``); one prompt of either kind is a batch of one."""
+    from .data.chat import chat_messages
+
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)):
         prompts, images = [prompts], [images]
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a string or a list of strings")
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be a string, a list of chat messages, or a list of either (one per row)")
     if images is None:
         images = [None] * len(prompts)
     if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
@@ -81,6 +84,8 @@ def normalize_inputs(images, prompts, prefix):
     for i, entry in enumerate(images):
         entry = [] if entry is None else entry if isinstance(entry, (list, tuple)) else [entry]
         rows.append([_as_image(x, f"images[{i}]") for x in entry])
+    for i, prompt in enumerate(prompts):
+        chat_messages(prompt, len(rows[i]), f"prompts[{i}]")  # every row checked before any is encoded
     prefixes = [prefix or ""] * len(prompts) if prefix is None or isinstance(prefix, str) else list(prefix)
     if len(prefixes) != len(prompts):
         raise ValueError(f"prefix must be a string or one per prompt: got {len(prefixes)} for {len(prompts)} prompts")

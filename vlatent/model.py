@@ -298,9 +298,20 @@ class LatentVLM(nn.Module):
 
     # -- inference -------------------------------------------------------------------------------------
     def generate(self, images, prompts, **kwargs):
-        """Interleaved text/latent generation; see ``vlatent.generation.generate``."""
+        """Interleaved text/latent generation; see ``vlatent.generation.generate``. ``prompts``: a string, chat
+        messages (``[{"role": "system" | "user" | "assistant", "content": ...}, ...]``, the user's last), or a list of
+        either, one per row. Options: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``prefix``,
+        ``latent_steps``, ``allow_latents``, ``latent_sigma``, ``generator``, ``use_cache`` and the streaming and
+        intervention hooks; transformers' other generation options (``num_beams``, ``top_k``, ...) are refused."""
+        import inspect
+
         from .generation import generate
 
+        supported = set(inspect.signature(generate).parameters) - {"model", "images", "prompts"}
+        if unknown := sorted(set(kwargs) - supported):
+            raise TypeError(f"LatentVLM.generate does not support {', '.join(unknown)}: the latent decode loop is "
+                            f"greedy or temperature / top-p sampling, one sequence per prompt; its options are "
+                            f"{', '.join(sorted(supported))}")
         return generate(self, images, prompts, **kwargs)
 
 

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
+
+# transformers 5.24 renamed the decoders' cache argument and output field from `past_key_values` to `cache`
+CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
@@ -163,9 +167,9 @@ class Backbone(nn.Module):
         """``model.model.language_model`` over the embeddings, with any family-specific ``decoder_kwargs``."""
         out = self.model.model.language_model(
             inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
-            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, **{CACHE: past_key_values},
             **decoder_kwargs)
-        return BackboneOutput(last_hidden_state=out.last_hidden_state, past_key_values=out.past_key_values,
+        return BackboneOutput(last_hidden_state=out.last_hidden_state, past_key_values=getattr(out, CACHE),
                               hidden_states=out.hidden_states if output_hidden_states else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

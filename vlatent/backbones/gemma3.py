@@ -14,7 +14,7 @@ import torch
 from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
-from .base import Backbone, BackboneOutput, ChatFormat, register_backbone, text_position_ids
+from .base import CACHE, Backbone, BackboneOutput, ChatFormat, register_backbone, text_position_ids
 
 
 @register_backbone
@@ -87,7 +87,7 @@ class Gemma3Backbone(Backbone):
             return attention_mask.masked_fill(same[:, None], 0.0)
         return create_masks_for_vision_model(
             config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids, block_sequence_ids=blocks)
+            position_ids=position_ids, block_sequence_ids=blocks, **{CACHE: past_key_values})
 
     def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values=None, use_cache=False,
                 output_hidden_states=False, visual=None) -> BackboneOutput:

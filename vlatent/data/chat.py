@@ -99,9 +99,39 @@ def chat_format(processor):
     return backbone_for_processor(processor).chat_format
 
 
-def render_prompt(processor, text: str, num_images: int, prefix: str = "") -> str:
-    """A generation prompt: one user turn with ``num_images`` images then ``text``, the assistant header, and
-    ``prefix`` verbatim (e.g. the start of an answer the generation loop continues)."""
-    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
-    conversation = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) + prefix
+def chat_messages(prompt, num_images: int, where: str = "prompt") -> list[dict]:
+    """One generation row's conversation: a string is one user turn (the images, then the text); chat messages
+    (system, user and assistant turns, the user's last) keep their turns, ``{"type": "image"}`` items marking where
+    the row's images go, or the images opening the first user turn when no item does."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(m, dict) for m in prompt):
+        raise ValueError(f"prompts must be strings or non-empty lists of chat messages ({{'role', 'content'}}): "
+                         f"{where} is {prompt!r}")
+    messages, marked = [], 0
+    for j, m in enumerate(prompt):
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant") or set(m) - {"role", "content"}:
+            raise ValueError(f"{where} message {j}: needs role system, user or assistant and content only, got {m!r}")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(items, list) or not all(isinstance(c, dict) and (c.get("type") == "image" or (
+                c.get("type") == "text" and isinstance(c.get("text"), str))) for c in items):
+            raise ValueError(f"{where} message {j}: content must be a string or a list of {{'type': 'text', 'text': "
+                             f"...}} and {{'type': 'image'}} items, got {content!r}")
+        marked += sum(c["type"] == "image" for c in items)
+        messages.append({"role": role, "content": [dict(c) for c in items]})
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the last message must be the user's (prefix= starts the assistant's answer)")
+    if marked == 0 and num_images:
+        first = next(m for m in messages if m["role"] == "user")
+        first["content"][:0] = [{"type": "image"}] * num_images
+    elif marked != num_images:
+        raise ValueError(f"{where}: the messages mark {marked} image(s), the row has {num_images}")
+    return messages
+
+
+def render_prompt(processor, prompt, num_images: int, prefix: str = "") -> str:
+    """A generation prompt: ``prompt`` (a string or chat messages, see ``chat_messages``) with ``num_images`` images,
+    the assistant header, and ``prefix`` verbatim (e.g. the start of an answer the generation loop continues)."""
+    return processor.apply_chat_template(chat_messages(prompt, num_images), tokenize=False,
+                                         add_generation_prompt=True) + prefix
