@@ -49,6 +49,8 @@ def test_yaml_1_1_spellings_read_as_the_fields_want(tmp_path):
     ("freeze_vision=true", "did you mean 'freeze_vision_tower'"),
     ("freeze_vision_tower=maybe", "freeze_vision_tower must be true or false, got 'maybe'"),
     ("lora.r=two", "lora: r must be an integer, got 'two'"),
+    ("data=3", "data must be a mapping, got 3"),
+    ("training=", "training.output_dir is required"),  # an empty section reads as null
 ])
 def test_bad_values_are_named_before_anything_loads(tmp_path, override, match):
     cfg = write(tmp_path, yaml.safe_dump(GOOD))  # the model is a hub id: nothing could load it offline anyway

@@ -77,7 +77,7 @@ class Recipe:
 
 
 # entries that name files or folders, resolved when the recipe is read (see the module docstring)
-PATHS = ("data.train", "data.eval", "training.output_dir", "training.logging_dir")
+PATHS = ("data.train", "data.eval", "training.output_dir")
 PATHS_OR_HUB_IDS = ("model", "method_config.teacher", "method_config.tokenizer")  # a path where one exists
 # ranges beyond the field types: (test, what the value must be)
 RANGES = {
@@ -138,9 +138,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         overridden.add(key)
     check_keys(f"recipe {where}", raw, {f.name for f in dataclasses.fields(Recipe)} - {"source"})
     for section in ("data", "method_config", "training"):
-        if not isinstance(raw.get(section) or {}, dict):
+        if raw.get(section, {}) is None:  # `training:` with nothing under it
+            del raw[section]
+        elif not isinstance(raw.get(section, {}), dict):
             raise ValueError(f"recipe {where}: {section} must be a mapping, got {raw[section]!r}")
-    data = raw.pop("data", None) or {}
+    data = raw.pop("data", {})
     check_keys(f"recipe {where} data", data, {f.name for f in dataclasses.fields(DataConfig)})
     raw = check_types(f"recipe {where}", raw, Recipe)
     recipe = Recipe(**raw, data=DataConfig(**check_types(f"recipe {where} data", data, DataConfig)), source=str(path))
