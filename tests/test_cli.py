@@ -55,3 +55,10 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(commands) == 2, "the README keeps exactly two set-up commands"
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
     assert "vlatent quickstart" in commands[0]
+
+
+def test_train_help_lists_each_entry_point_on_one_line(capsys):
+    assert main(["train", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in ("sft", "vlpo"):
+        assert len([line for line in lines if line.split()[:1] == [name]]) == 1, lines
