@@ -136,6 +136,9 @@ def run(trainer, out: Path, recipe, world_size: int, last: str | None, title: st
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         plot_losses(trainer.state.log_history, out / "loss_curve.png", title=title)
         print(f"saved {out}")
+    if torch.distributed.is_initialized():  # a rank that exits with gloo's threads alive aborts ("terminate called")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main(argv=None) -> int:
