@@ -374,7 +374,8 @@ def mmstar_prompt(question: str, stem: str, options: list[str], style: str) -> s
 
 def _mmmu_examples(table: Table, split: str, style: str) -> list[Example]:
     """MMMU examples of one table, in the hub schema or VLMEvalKit's TSV layout (``MMMU_DEV_VAL.tsv``: options in
-    ``A``..``I``, empty for open questions; the subject in ``id`` or ``l2-category``; rows of every split)."""
+    ``A``..``I``, empty for open questions; the subject in ``l2-category`` or ``category``, else the ``id``; rows of
+    every split, ``split`` says which)."""
     if not table.vlmevalkit():
         table.require(MMMU_COLUMNS)
         return [_mmmu_example(row, [s for c in MMMU_IMAGES for s in _sources(row.get(c), table.root)], table.group,
@@ -386,7 +387,8 @@ def _mmmu_examples(table: Table, split: str, style: str) -> list[Example]:
         hub = {"id": row.get("id") or str(row["index"]), "question": row["question"], "options": options,
                "answer": row.get("answer") or "",
                "question_type": row.get("question_type") or ("multiple-choice" if options else "open")}
-        subject = str(row.get("l2-category") or row.get("category") or "").replace(" ", "_")
+        named = [str(row.get(c) or "").replace(" ", "_") for c in ("l2-category", "category")]
+        subject = next((name for name in named if name in mmmu.SUBJECT_TO_DISCIPLINE), None)  # else from the id
         examples.append(_mmmu_example(hub, images[i], subject, f"{table.where} row {i}", style))
     return examples
 
