@@ -1,7 +1,8 @@
 """``vlatent eval``: evaluate a ``LatentVLM`` on MMMU, MMStar or a synthetic task; batched, resumable, shardable.
 
     vlatent eval --model ckpt/ --bench mmmu --out runs/mmmu                  # MMMU/MMMU from the hub, validation split
-    vlatent eval --model ckpt/ --bench mmstar --data ~/MMStar --out runs/mmstar --prompt vlmevalkit
+    vlatent eval --model ckpt/ --bench mmstar --data ~/LMUData/MMStar.tsv --out runs/mmstar --prompt vlmevalkit
+    vlatent eval --model ckpt/ --bench mmmu,mmstar --data ~/MMMU --data ~/MMStar/mmstar.parquet --out runs/both
     vlatent eval --model ckpt/ --bench maze --data data/maze --out runs/maze --latent on
     torchrun --nproc_per_node 8 -m vlatent.cli eval --model ckpt/ --bench mmmu --data ~/MMMU --out runs/mmmu
 
@@ -11,7 +12,10 @@ the settings, and a rerun with other settings is refused rather than mixed in). 
 failed (a systemic fault: a broken model, images in a format nothing decodes) scores nothing and is an error naming the
 first failure. Under ``torchrun`` (``RANK`` / ``WORLD_SIZE``) rank r takes examples r::N into
 ``predictions.rank{r}.jsonl``, and rank 0, once every example has a row, merges them into ``predictions.jsonl``. Rank 0
-then scores the run from ``predictions.jsonl`` alone (``scores.json``) and writes ``report.md`` and ``scores.png``.
+then scores the run from ``predictions.jsonl`` alone (``scores.json``) and writes ``report.md`` and ``scores.png``;
+on MMMU's test split, whose answers are withheld, also ``submission.json`` for the MMMU evaluation server. Several
+benchmarks in one command (``--bench mmmu,mmstar``) run one after the other, each into ``OUT/NAME``, and
+``OUT/summary.md`` tables them.
 
 ``--images off`` withholds every image (the prompt keeps its text): MMStar's multi-modal gain ``MG = S_v - S_wv`` and
 leakage ``ML = max(0, S_wv - S_t)`` come from such runs, given to the with-images run as ``--gain-against DIR`` (this
