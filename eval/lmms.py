@@ -61,8 +61,8 @@ class VlatentLMM(lmms):
 
     def _generate(self, requests) -> list[str]:
         contexts, options, to_visual, doc_ids, tasks, splits = zip(*(request.args for request in requests))
-        images = [[v.convert("RGB") for v in to_visual[0](self.task_dict[task][split][doc_id]) or []
-                   if isinstance(v, Image.Image)] for doc_id, task, split in zip(doc_ids, tasks, splits)]
+        images = [_images(to_visual[0](self.task_dict[task][split][doc_id]), task, doc_id)
+                  for doc_id, task, split in zip(doc_ids, tasks, splits)]
         options = dict(options[0])
         until = options.pop("until", None) or []
         sampling = {"do_sample": True, "temperature": float(options["temperature"])} \
@@ -77,6 +77,14 @@ class VlatentLMM(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("vlatent answers single-round generate_until tasks")
+
+
+def _images(visuals, task: str, doc_id) -> list[Image.Image]:
+    """A document's visuals as RGB images; a video or audio visual is refused rather than silently dropped."""
+    visuals = visuals or []
+    if other := [type(v).__name__ for v in visuals if not isinstance(v, Image.Image)]:
+        raise ValueError(f"task {task!r} document {doc_id}: vlatent takes images, not {', '.join(other)}")
+    return [v.convert("RGB") for v in visuals]
 
 
 def _key(request) -> tuple:

@@ -15,7 +15,7 @@ lmms_eval = pytest.importorskip("lmms_eval")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.lmms import register  # noqa: E402
+from eval.lmms import _images, register  # noqa: E402
 from eval.run import evaluate  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
@@ -122,3 +122,9 @@ def test_lmms_eval_reads_vlmevalkit_mmstar_tsv(model_dir, tmp_path):
         Answer with the option's letter from the given choices directly.""")
     assert 0.0 <= results["results"]["mmstar_tsv"]["average,none"] <= 1.0
     json.dumps(results["results"])  # a plain result, as lmms-eval writes it
+
+
+def test_a_video_is_refused_not_dropped():
+    """A task whose visuals are videos would otherwise be answered from its text alone."""
+    with pytest.raises(ValueError, match="task 'clips' document 3: vlatent takes images, not str"):
+        _images(["clip.mp4"], "clips", 3)
