@@ -11,8 +11,8 @@ their norms. "Intervene" reruns the question with the latents zeroed, swapped or
 
 Defaults: ``--model`` is the quick start's trained Mirage model, ``runs/quickstart/mirage_stage2`` (what
 ``vlatent quickstart`` writes from the current folder), else the same model in the demo's cache, where the quick
-start runs once on first use (the page says which). ``--examples`` is the quick start's maze data, else a small maze
-set built into the cache. A
+start runs once on first use (the page says which). ``--examples`` is the quick start's data, else a small set of
+the quick start's task (4x4 frozen-lake maps) built into the cache. A
 decoder is read from ``--decoder`` or the checkpoint's ``decoder/`` folder.
 
 ``build_demo(model, ...)`` returns the ``gr.Blocks`` for embedding; ``launch`` serves it (queue on, 127.0.0.1,
@@ -52,7 +52,7 @@ from vlatent.testing import tiny_image
 log = logging.getLogger("vlatent.demo")
 
 DEFAULT_MODEL = Path("runs/quickstart/mirage_stage2")  # `vlatent quickstart`'s trained Mirage model
-DEFAULT_EXAMPLES = Path("runs/quickstart/data")  # ... and its maze dataset
+DEFAULT_EXAMPLES = Path("runs/quickstart/data")  # ... and its dataset
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlatent" / "demo"
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000  # decompression-bomb guard, checked on the header before any pixel is decoded
@@ -478,7 +478,7 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[LatentVLM, str, P
     from vlatent.cli import main as vlatent_main
 
     print(f"No trained model at {DEFAULT_MODEL}: training the quick start's Mirage model into {cached.parent} "
-          "(once, a few minutes on a laptop CPU)", flush=True)
+          "(once, about 15 minutes on a laptop CPU)", flush=True)
     if vlatent_main(["quickstart", "--out", str(cached.parent)]):
         raise RuntimeError(f"the quick start failed, so there is no trained model to show: see {cached.parent}")
     return LatentVLM.from_pretrained(cached).eval(), f"Model: `{cached}` (the quick start's Mirage, trained on first " \
@@ -501,19 +501,22 @@ def find_decoder(model_dir: Path | None, decoder: str | os.PathLike | None, mode
 
 
 def load_examples(data: str | os.PathLike | None = None, split: str = "test", limit: int = 8) -> tuple[list, str]:
-    """(image path, question) pairs from a built dataset: ``data``, else the quick start's, else a small maze set
-    built into the cache."""
+    """(image path, question) pairs from a built dataset: ``data``, else the quick start's, else a small set of the
+    quick start's default task built into the cache."""
     root = Path(data) if data is not None else DEFAULT_EXAMPLES
     if data is None and not (root / "dataset_info.json").is_file():
         root = CACHE / "quickstart" / "data"
     if data is None and not (root / "dataset_info.json").is_file():
-        root = CACHE / "maze"
+        from vlatent.cli import QUICKSTART_TASK, QUICKSTART_TASKS
+
+        task = QUICKSTART_TASK
+        root = CACHE / task
         if not (root / "dataset_info.json").is_file():
             from data_builders.__main__ import main as build_data  # the demo runs from the source checkout
 
             root.parent.mkdir(parents=True, exist_ok=True)
-            if build_data(["maze", "--out", str(root), "--n", "40", "--size", "4", "--wall", "6", "--seed", "0"]):
-                raise RuntimeError(f"could not build the example maze set in {root}")
+            if build_data([task, "--out", str(root), "--n", "40", *QUICKSTART_TASKS[task]["build"], "--seed", "0"]):
+                raise RuntimeError(f"could not build the example {task} set in {root}")
     examples = []
     for rec in load_records(root, split=split)[:limit]:
         user = next(m for m in rec["messages"] if m["role"] == "user")
@@ -531,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                              "Mirage model in the cache, trained there on first use)")
     parser.add_argument("--examples", default=None,
                         help=f"a built dataset folder to take examples from (default: {DEFAULT_EXAMPLES} if it "
-                             "exists, else a small maze set)")
+                             "exists, else a small set of the quick start's task)")
     parser.add_argument("--decoder", default=None, help="decoder folder (default: the checkpoint's decoder/)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes the demo)")
     parser.add_argument("--port", type=int, default=7860)

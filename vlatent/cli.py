@@ -50,6 +50,7 @@ QUICKSTART_TASKS = {
     "maze": {"build": ["--size", "4", "--questions", "first_move", "--wall", "6"], "max_new_tokens": 288,
              "what": "4x4 mazes (which way is the first move?)", "words": "the same routes written out in words"},
 }
+QUICKSTART_TASK = "vsp"  # the default: the demo's fallback examples follow it
 FRESH_SEED = 20261205  # the quick start's second test set: a seed its training data never used
 
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the Gradio app: vlatent demo --model PATH [--host 127.0.0.1 --port 7860]")
     q = sub.add_parser("quickstart", help="run the main job on the built-in tiny default")
     q.add_argument("--out", default="runs/quickstart", help="where the data, models, evaluations and report go")
-    q.add_argument("--task", choices=sorted(QUICKSTART_TASKS), default="vsp",
+    q.add_argument("--task", choices=sorted(QUICKSTART_TASKS), default=QUICKSTART_TASK,
                    help="vsp: frozen-lake safety (Mirage's own task; default), maze: first move in a 4x4 maze")
     q.add_argument("--n", type=int, default=2000, help="examples to build (80/10/10 split)")
     q.add_argument("--max-new-tokens", type=int, default=None,
