@@ -404,3 +404,47 @@ def test_losses_go_down_when_overfitting_four_records(stage1_ckpt, records):
     h3 = overfit(s3, s3.collator()(records))
     assert h3[-1]["ce"] < 0.5 * h3[0]["ce"], h3
     assert h3[-1]["alignment"] < 0.67 * h3[0]["alignment"], h3
+
+
+def test_alignment_is_one_minus_cosine_over_the_hidden_axis():
+    """Inline formula on hand-sized tensors: for every layer and token, 1 - <s, t> / (|s| |t|) over the hidden axis,
+    then the mean. Catches a cosine over the token axis (the released code's defect) or a sum instead of the mean."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    terms = [1 - float(student[l, n] @ teacher[l, n]) / float(student[l, n].norm() * teacher[l, n].norm())
+             for l in range(2) for n in range(3)]
+    torch.testing.assert_close(alignment_loss(student, teacher), torch.tensor(sum(terms) / len(terms)))
+    # hand numbers: orthogonal -> 1, parallel -> 0, opposite -> 2; a scale does not matter
+    s = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]]])
+    t = torch.tensor([[[0.0, 5.0], [1.0, 0.0], [0.0, -1.0]]])
+    torch.testing.assert_close(alignment_loss(s, t), torch.tensor((1.0 + 0.0 + 2.0) / 3))
+
+
+def test_stage3_pairs_the_i_th_student_slot_with_the_i_th_teacher_slot(stage3, records):
+    """Stage-3 alignment recomputed here: the student's latent-slot states (no images, recurrent latents) against
+    the stage-2 teacher's at its own slots (images inline, stage-2 mask), slot i with slot i, all L + 1 states.
+    Catches a shifted slot (the state before the slot), a reversed or unsorted pairing, or a teacher run without
+    its mask."""
+    model, m = stage3, stage3.method
+    teacher = m._teacher[0]
+    batch = model.collator()(records)
+    tb = batch["teacher"]
+    pad = m.config.latent_pad_id
+    with torch.no_grad():
+        got = model(batch).losses["alignment"]
+        filled, _, _ = model.fill_latents(model.embed_inputs(batch), batch, model.position_ids(batch),
+                                          batch["attention_mask"])
+        hs = model.backbone(filled, model.position_ids(batch), batch["attention_mask"], output_hidden_states=True)
+        t_embeds, t_pos = teacher.embed_inputs(tb), teacher.position_ids(tb)
+        t_mask = m.stage2_mask(teacher, tb, t_embeds.dtype)
+        t_filled, _, _ = teacher.fill_latents(t_embeds, tb, t_pos, t_mask)
+        ths = teacher.backbone(t_filled, t_pos, t_mask, output_hidden_states=True)
+    s_slots = [(r, p) for r in range(batch["input_ids"].shape[0])
+               for p in range(batch["input_ids"].shape[1]) if batch["input_ids"][r, p] == pad]
+    t_slots = [(r, p) for r in range(tb["input_ids"].shape[0]) for p in range(tb["input_ids"].shape[1])
+               if tb["input_ids"][r, p] == pad]
+    assert len(s_slots) == len(t_slots) == K * 5  # records a, b (two segments), c, d
+    terms = [1 - torch.cosine_similarity(hs.hidden_states[l][rs, ps].float(), ths.hidden_states[l][rt, pt].float(),
+                                         dim=0)
+             for l in range(len(hs.hidden_states)) for (rs, ps), (rt, pt) in zip(s_slots, t_slots)]
+    torch.testing.assert_close(got, torch.stack(terms).mean(), atol=1e-5, rtol=1e-4)
