@@ -222,7 +222,7 @@ def trainer_for(model, tmp_path, records, **vlpo):
                              max_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
                              disable_tqdm=True, logging_steps=1)
     config = VLPOConfig(num_generations=4, max_completion_length=8, prefix="<|latent_start|>", latent_sigma=0.5,
-                        reward_funcs=["test_length"], **vlpo)
+                        latent_exploration=True, reward_funcs=["test_length"], **vlpo)
     return VLPOTrainer(model=model, args=args, vlpo=config, train_dataset=load_records(records))
 
 
@@ -273,7 +273,8 @@ def test_mean_reward_rises_with_text_and_latent_gradients(tmp_path, tiny_base):
     cfg = recipe(tmp_path, "vlpo.yaml", model=str(tmp_path / "sft_out"),
                  data={"train": str(write_prompts(tmp_path / "rl", 16, "B"))},
                  vlpo={"num_generations": 8, "max_completion_length": 6, "prefix": "<|latent_start|>",
-                       "latent_sigma": 0.5, "reward_funcs": ["accuracy"]},
+                       "latent_sigma": 0.5, "latent_exploration": True, "updates_per_rollout": 1,
+                       "reward_funcs": ["accuracy"]},
                  training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 32,
                            "learning_rate": 3e-3, "max_steps": 12, "lr_scheduler_type": "constant",
                            "logging_steps": 1, "seed": 0, "disable_tqdm": True})
@@ -322,7 +323,7 @@ def test_shipped_recipes_parse(monkeypatch):
 @pytest.mark.slow
 def test_deepspeed_zero3_two_processes(tmp_path, tiny_base):
     """Two ranks, ZeRO-3: rollouts of different lengths on each rank (synced generation), text-only prompts beside
-    prompts with a picture, num_iterations=2 (old log-probs, clipping), a KL reference, dual clip, a reward given as
+    prompts with a picture, two updates per rollout batch (old log-probs, clipping), a KL reference, dual clip, a reward given as
     module:function, and the checkpoint written from the gathered weights."""
     (tmp_path / "user_rewards.py").write_text(
         "def length(completions, **columns):\n    return [float(len(c)) for c in completions]\n")
@@ -330,7 +331,7 @@ def test_deepspeed_zero3_two_processes(tmp_path, tiny_base):
                  data={"train": str(write_prompts(tmp_path / "data", 8, text_only_every=2))},
                  deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"),
                  vlpo={"num_generations": 2, "max_completion_length": 8, "prefix": "<|latent_start|>",
-                       "num_iterations": 2, "beta": 0.05, "delta": 3.0, "epsilon_high": 0.28,
+                       "updates_per_rollout": 2, "beta": 0.05, "delta": 3.0, "epsilon_high": 0.28,
                        "reward_funcs": ["user_rewards:length", "accuracy"]},
                  training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 4,
                            "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True})
@@ -343,7 +344,7 @@ def test_deepspeed_zero3_two_processes(tmp_path, tiny_base):
     logs = [e for e in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "loss" in e]
     assert len(logs) == 4 and all(math.isfinite(e["loss"]) and math.isfinite(e["kl"]) for e in logs)
     assert all({"clip_ratio/region_mean", "latent_log_prob"} <= set(e) for e in logs)
-    generated = [e for e in logs if "reward" in e]  # rollouts at steps 1 and 3, reused at 2 and 4
+    generated = [e for e in logs if "reward" in e]  # rollout batches at steps 1 and 3, their second halves at 2, 4
     assert [e["step"] for e in generated] == [1, 3] and all(e["completions/latent_steps"] >= 2 for e in generated)
     assert logs[1]["clip_ratio/region_mean"] > 0  # the reused rollouts are off-policy: the clip binds somewhere
     trained = LatentVLM.from_pretrained(tmp_path / "out")

@@ -24,16 +24,26 @@ Knobs are named as TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_l
 ``epsilon``, ``epsilon_high``, ``delta``, ``beta``, ``loss_type``, ``scale_rewards``, ``num_iterations``,
 ``reward_funcs``, ``reward_weights``). Where VLPO departs from TRL:
 
-- ``latent_sigma``, ``latent_exploration``, ``score_latents``, ``prefix``, ``latent_steps`` are new. Exploration noise
-  is on by default: with deterministic latents ``z = mu`` the latent gradient ``(z - mu) / sigma^2`` is zero on-policy.
-  ``latent_exploration: false`` keeps the latent term (it then acts only when ``num_iterations > 1``) and says so.
+- ``latent_sigma``, ``latent_exploration``, ``score_latents``, ``prefix``, ``latent_steps``, ``updates_per_rollout``
+  are new. Exploration is off by default, as released (Monet RL/monet_models/vllm/monet_gpu_model_runner.py:1331,
+  ``sampled = mu  # + torch.randn_like(mu)``): rollouts feed ``z = mu`` and the latent term acts through the ratio once
+  the policy has moved, from the second mini-batch update of a rollout batch on. ``latent_exploration: true`` samples
+  ``z ~ N(mu, sigma^2 I)``; its noise norm ``sigma * sqrt(d)`` is logged beside the measured norm of ``mu``
+  (``latents/noise_norm``, ``latents/mean_norm``) and stated once as their ratio.
+- ``updates_per_rollout`` (the release's actor mini-batches; TRL's ``steps_per_generation`` counts micro-steps, i.e.
+  ``updates_per_rollout x gradient_accumulation_steps``): one rollout batch of ``updates_per_rollout`` optimizer steps'
+  prompts is generated at once by one policy, then trained on in that many mini-batch updates (each ``num_iterations``
+  times), so from the second update on the ratio departs from 1 and clipping acts. Default 4: the release's 64 prompts
+  per rollout and 16 per actor mini-batch (RL/examples/vlpo_train.sh ``ORI_BSZ=64``, config_monet.yaml
+  ``worker.actor.global_batch_size: 16``; RL/verl/workers/actor/dp_actor.py:412-415).
 - A group lives on one process (``per_device_train_batch_size`` counts completions, as in TRL, but must be a multiple
   of ``num_generations``), so group statistics need no gather; ``scale_rewards: batch`` does gather the rewards.
 - ``loss_type``: ``grpo`` (mean per completion, then over completions), ``bnpo`` (mean over the actions of the local
   batch), ``dr_grpo`` (sum / (batch x max_completion_length)), ``dapo`` (sum / actions of the micro-batch on all
   processes; TRL counts a whole generation batch). Latent steps count as actions in each.
-- Rollouts are generated per micro-batch and reused for ``num_iterations`` optimizer steps (no ``steps_per_generation``,
-  no vLLM). Text log-probs ignore ``top_p`` truncation (as TRL) and a method's ``constrain_logits``.
+- Rollouts are generated in micro-batches at the start of a rollout batch (no vLLM) and kept for its
+  ``updates_per_rollout x num_iterations`` optimizer steps; the rewards of the whole rollout batch are logged at its
+  first step. Text log-probs ignore ``top_p`` truncation (as TRL) and a method's ``constrain_logits``.
 - Rewards take the completion's text (latent segments left out) and the record's fields (see ``rewards.py``).
 - The KL reference (``beta > 0``) is a frozen full copy of the initial policy on every process (TRL runs it through
   DeepSpeed, partitioned under ZeRO-3): one forward per micro-batch, no all-gathers, one model's memory more.
@@ -56,7 +66,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import ModelOutput
 
@@ -86,14 +96,15 @@ class VLPOConfig:
     reward_funcs: list = field(default_factory=lambda: ["accuracy"])  # registered names or module:function
     reward_weights: list | None = None  # one per reward; None: all 1
     scale_rewards: str = "group"  # "group": A = (r - mean) / std per group; "batch": std of the whole batch; "none"
-    num_iterations: int = 1  # mu: optimizer steps per batch of rollouts
+    num_iterations: int = 1  # mu: passes over each rollout batch (each pass: updates_per_rollout optimizer steps)
+    updates_per_rollout: int = 4  # optimizer steps (actor mini-batches) per rollout batch, as released (64 / 16)
     epsilon: float = 0.2  # low clip: ratio >= 1 - epsilon
     epsilon_high: float | None = None  # high clip: ratio <= 1 + epsilon_high (None: epsilon)
     delta: float | None = None  # dual clip: the unclipped ratio is capped at delta (> 1 + epsilon_high), bounding A < 0
     beta: float = 0.0  # KL to the frozen initial policy; 0 loads no reference model
     loss_type: str = "dapo"
     latent_sigma: float = 1.0  # sigma of the Gaussian latent policy N(mu, sigma^2 I)
-    latent_exploration: bool = True  # sample latents around mu in rollouts (else z = mu)
+    latent_exploration: bool = False  # sample latents around mu in rollouts; False: z = mu, as released
     score_latents: bool = True  # latent steps in the objective (VLPO); false: text-only GRPO, latents masked
 
     @classmethod
@@ -124,6 +135,8 @@ class VLPOConfig:
             fail(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {self.scale_rewards!r}")
         if not isinstance(self.num_iterations, int) or self.num_iterations < 1:
             fail(f"num_iterations must be a positive integer, got {self.num_iterations!r}")
+        if not isinstance(self.updates_per_rollout, int) or self.updates_per_rollout < 1:
+            fail(f"updates_per_rollout must be a positive integer, got {self.updates_per_rollout!r}")
         if not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high < 0):
             fail(f"need 0 <= epsilon < 1 and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}")
         if self.delta is not None and self.delta <= 1 + self.high:
@@ -138,6 +151,11 @@ class VLPOConfig:
     @property
     def high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def off_policy(self) -> bool:
+        """Whether a rollout batch serves several optimizer steps (then the rollout policy's log-probs are kept)."""
+        return self.updates_per_rollout * self.num_iterations > 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,7 +261,7 @@ class Rollouts:
     latents: torch.Tensor  # (n_latent, hidden): the sampled latents, row-major in latent_mask order
     advantages: torch.Tensor  # (B,)
     ids: list  # record id of each row
-    old_log_probs: torch.Tensor | None = None  # (B, C), when num_iterations > 1
+    old_log_probs: torch.Tensor | None = None  # (B, C), when the rollouts serve several optimizer steps
     ref_log_probs: torch.Tensor | None = None  # (B, C), when beta > 0
     normalizer: float | None = None  # dapo: actions per process in this micro-batch
 
@@ -398,8 +416,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class GroupSampler(Sampler):
     """Dataset indices for VLPO: each prompt ``num_generations`` times in a row (its group), prompts shuffled; each
-    ``window`` of prompts (one optimizer step on all processes) comes ``repeats`` times (``num_iterations``), so every
-    process meets the same prompts again at the same micro-step. Incomplete windows are dropped."""
+    ``window`` of prompts (one rollout batch on all processes) comes ``repeats`` times in a row (once per micro-step
+    it serves, as TRL's ``RepeatSampler``), so each process's data-loader batch is its whole share of the rollout
+    batch at every micro-step. Incomplete windows are dropped."""
 
     def __init__(self, size: int, num_generations: int, window: int, repeats: int, seed: int):
         self.size, self.num_generations, self.window, self.repeats = size, num_generations, window, repeats
@@ -436,9 +455,10 @@ class VLPOTrainer(LatentTrainer):
                              "(text-only GRPO)")
         if vlpo.prefix and not model.method.uses_latents and model.method.config.latent_start_token in vlpo.prefix:
             raise ValueError(f"method {model.method.name!r} has no latent tokens; prefix cannot open a latent segment")
-        if vlpo.score_latents and not vlpo.latent_exploration:
-            logger.warning("latent_exploration is off: rollouts feed z = mu, so the latent term of the objective has "
-                           "no gradient on-policy (only from the second of num_iterations on)")
+        if vlpo.score_latents and not vlpo.latent_exploration and not vlpo.off_policy:
+            logger.warning("latent_exploration is off and every rollout batch serves one update: rollouts feed z = mu, "
+                           "so the latent term of the objective never has a gradient (set updates_per_rollout or "
+                           "num_iterations > 1, as released, or latent_exploration: true)")
         self.vlpo = vlpo
         self.reward_funcs = [get_reward(name) for name in vlpo.reward_funcs]
         self.reward_weights = torch.tensor(vlpo.reward_weights or [1.0] * len(vlpo.reward_funcs))
@@ -451,40 +471,56 @@ class VLPOTrainer(LatentTrainer):
                          data_collator=_records, **kwargs)
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
-        self._buffer: dict[int, Rollouts] = {}
+        self._buffer: list[Rollouts] = []  # the micro-batches of the current rollout batch
         self._micro = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._warned_no_latents = False
+        self._stated_noise = False
         self._rng = torch.Generator(device=self.args.device).manual_seed(args.seed + 1_000_003 * args.process_index)
 
     # -- data ------------------------------------------------------------------------------------------
     def _get_collator_with_removed_columns(self, data_collator, description=None):
         return data_collator  # rewards read every column of the records
 
+    @property
+    def _micro_batches(self) -> int:
+        """Micro-batches per process in one rollout batch: ``updates_per_rollout x gradient_accumulation_steps``."""
+        return self.vlpo.updates_per_rollout * self.args.gradient_accumulation_steps
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        prompts = self.args.per_device_train_batch_size // self.vlpo.num_generations
-        window = prompts * self.args.world_size * self.args.gradient_accumulation_steps
+        c, a = self.vlpo, self.args
+        prompts = a.per_device_train_batch_size // c.num_generations
+        window = prompts * a.world_size * self._micro_batches
         if len(dataset) < window:
-            raise ValueError(f"{len(dataset)} records, but one optimizer step takes {window} prompts "
-                             f"({prompts} per process x {self.args.world_size} processes x "
-                             f"{self.args.gradient_accumulation_steps} accumulation steps)")
-        return GroupSampler(len(dataset), self.vlpo.num_generations, window, self.vlpo.num_iterations, self.args.seed)
+            raise ValueError(f"{len(dataset)} records, but one rollout batch takes {window} prompts "
+                             f"({prompts} per process x {a.world_size} processes x {a.gradient_accumulation_steps} "
+                             f"accumulation steps x updates_per_rollout={c.updates_per_rollout})")
+        return GroupSampler(len(dataset), c.num_generations, window, self._micro_batches * c.num_iterations, a.seed)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Each batch is the process's whole share of a rollout batch (the same one for each micro-step it serves);
+        ``_prepare_inputs`` generates it once and hands out one micro-batch per micro-step."""
+        return self._get_dataloader(self.train_dataset, "Training", self._train_batch_size * self._micro_batches,
+                                    self._get_train_sampler, is_training=True)
 
     # -- rollouts --------------------------------------------------------------------------------------
     def _prepare_inputs(self, records: list[dict]) -> Rollouts:
-        slot = self._micro % self.args.gradient_accumulation_steps
+        """The rollouts of this micro-step. At the first micro-step of a rollout batch (or the first after a resume)
+        all of its micro-batches are generated and scored by the current policy; the optimizer steps of the batch
+        then take them in order: ``num_iterations`` passes of ``updates_per_rollout`` mini-batches."""
+        c, accumulation = self.vlpo, self.args.gradient_accumulation_steps
+        step = self.state.global_step % (c.updates_per_rollout * c.num_iterations)
+        index = (step % c.updates_per_rollout) * accumulation + self._micro % accumulation
         self._micro += 1
-        if self.state.global_step % self.vlpo.num_iterations and slot in self._buffer:  # reuse (num_iterations > 1)
-            rollouts = self._buffer[slot]
-            if rollouts.ids != [r["id"] for r in records]:
-                raise RuntimeError(f"rollout reuse out of step: buffered {rollouts.ids[:2]}..., got "
-                                   f"{[r['id'] for r in records][:2]}... (was the sampler replaced?)")
-            return rollouts
-        rollouts = self.rollout(records)
-        if self.vlpo.num_iterations > 1:
-            self._buffer[slot] = rollouts
-        return rollouts
+        if (step == 0 and index == 0) or not self._buffer:
+            per_device = self.args.per_device_train_batch_size
+            self._buffer = [self.rollout(records[i : i + per_device]) for i in range(0, len(records), per_device)]
+        buffered = [i for r in self._buffer for i in r.ids]
+        if buffered != [r["id"] for r in records]:
+            raise RuntimeError(f"rollout reuse out of step: buffered {buffered[:2]}..., got "
+                               f"{[r['id'] for r in records][:2]}... (was the sampler replaced?)")
+        return self._buffer[index]
 
     @torch.no_grad()
     def rollout(self, records: list[dict]) -> Rollouts:
@@ -519,7 +555,7 @@ class VLPOTrainer(LatentTrainer):
         mask = r.text_mask | r.latent_mask if c.score_latents else r.text_mask
         if c.loss_type == "dapo":
             r.normalizer = float(self._gather(mask.sum().float().reshape(1)).mean())
-        if c.num_iterations > 1:  # the policy that generated: frozen for the reuse
+        if c.off_policy:  # the policy that generated: frozen for the later updates
             r.old_log_probs = self.accelerator.unwrap_model(self.model).log_probs(r)
         if c.beta > 0:
             r.ref_log_probs = action_log_probs(self.ref_model, r, c.temperature, c.latent_sigma, c.score_latents)
@@ -547,6 +583,18 @@ class VLPOTrainer(LatentTrainer):
         m["completions/mean_length"].append(sum(x.num_steps for x in generations) / len(generations))
         m["completions/text_tokens"].append(r.text_mask.sum().item() / len(generations))
         m["completions/latent_steps"].append(r.latent_mask.sum().item() / len(generations))
+        means = [s.means for g in generations for s in g.latent_segments]
+        if means:  # the scale exploration noise is judged against
+            norm = torch.cat(means).float().norm(dim=-1).mean().item()
+            m["latents/mean_norm"].append(norm)
+            if self.vlpo.latent_exploration:
+                noise = self.vlpo.latent_sigma * math.sqrt(means[0].shape[-1])
+                m["latents/noise_norm"].append(noise)
+                if not self._stated_noise and self.is_world_process_zero():
+                    self._stated_noise = True
+                    logger.warning(f"latent exploration: sigma={self.vlpo.latent_sigma} per dimension, noise norm "
+                                   f"sigma*sqrt(d)={noise:.3g} = {noise / max(norm, 1e-12):.3g} x the measured norm of "
+                                   f"the latent means |mu|={norm:.3g}")
         m["time/generation_s"].append(generation_s)  # the decode loop
         m["time/rollout_s"].append(rollout_s)  # + rewards, the batch, old and reference log-probs
         if self.vlpo.score_latents and not r.latent_mask.any() and not self._warned_no_latents:
