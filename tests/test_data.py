@@ -380,6 +380,6 @@ def test_bad_arguments(processor, tiny_base):
         with pytest.raises(ValueError, match=message):
             InterleavedCollator(processor, **kwargs)
     bare = AutoProcessor.from_pretrained(tiny_base)  # latent tokens never added
-    with pytest.raises(ValueError, match="'<|latent_start|>' is not a single token"):
+    with pytest.raises(ValueError, match=re.escape("'<|latent_start|>' is not a single token")):
         InterleavedCollator(bare, latent_tokens=LT)
     InterleavedCollator(bare, latent_tokens=None, latent_mode="image")

@@ -1,7 +1,6 @@
 """vlatent.testing builds real, reloadable tiny Qwen2.5-VL checkpoints."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -46,12 +45,12 @@ def test_build_writes_a_real_checkpoint(tiny_dir):
 
 
 def test_cache_hit_does_not_rewrite(tiny_dir):
-    mtimes = {p: p.stat().st_mtime_ns for p in tiny_dir.iterdir()}
-    start = time.perf_counter()
+    """A cache hit writes nothing: every file and the folder itself keep their modification times (no file written,
+    added, or created and removed again)."""
+    mtimes = {p: p.stat().st_mtime_ns for p in [tiny_dir, *tiny_dir.iterdir()]}
     assert build_tiny_base(tiny_dir) == tiny_dir
     assert build_tiny_model(tiny_dir, method=None) == tiny_dir
-    assert time.perf_counter() - start < 0.5
-    assert {p: p.stat().st_mtime_ns for p in tiny_dir.iterdir()} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in [tiny_dir, *tiny_dir.iterdir()]} == mtimes
 
 
 def test_same_seed_same_weights_and_new_args_rebuild(tiny_dir, tmp_path):
