@@ -75,6 +75,8 @@ class LatentMethod(nn.Module):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_latents: ClassVar[bool] = True
     stages: ClassVar[tuple[int, ...]] = (1,)  # the training stages ``config.stage`` may name
+    # why VLPO cannot score this method's latents as Gaussian actions around ``next_latent(h)`` (None: it can)
+    vlpo_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig, hidden_size: int):
         super().__init__()
@@ -149,6 +151,11 @@ class LatentMethod(nn.Module):
         """The next latent input from the last position's final hidden state. ``(m, hidden) -> (m, hidden)``.
         ``context`` is given at inference (``None`` in training)."""
         raise NotImplementedError(f"method {self.name!r} does not generate latents")
+
+    def policy_means(self, model, hidden: torch.Tensor, rollouts) -> torch.Tensor:
+        """VLPO: the Gaussian means of a rollout's latent steps ``(n_latent, hidden)`` from the states that produced
+        them (row-major, as ``rollouts.latent_mask``), as ``next_latent`` gave them in generation."""
+        return self.next_latent(hidden)
 
     def constrain_logits(self, logits: torch.Tensor, state: Any) -> torch.Tensor:
         """Restrict the next text token at inference, ``(n, vocab) -> (n, vocab)`` (e.g. -inf on tokens a row may

@@ -163,6 +163,8 @@ class CocovaState:
 @register_method
 class Cocova(LatentMethod):
     name = "cocova"
+    vlpo_refusal = ("its LQ-Former's latent depends on the generation state (the selected salient visual tokens and "
+                    "the segment's earlier thoughts), which VLPO's teacher-forced objective does not rebuild")
     config_class = CocovaConfig
 
     def __init__(self, config: CocovaConfig, hidden_size: int):

@@ -36,6 +36,8 @@ Choices the paper leaves open (or where the release is not followed):
 - Helper images are resized to exactly ``sketch_size`` px (collator ``latent_target_size``), so every sketch is one
   fixed grid; the release fixes 256 tokens (448 px) likewise.
 - A sketch is forced to exactly K latents: use ``latent_steps="fixed"`` (the default) at inference.
+- VLPO (not in the paper) scores each sketch latent as a Gaussian around the head's output, re-run over the sketch's
+  states with the context generation gave it (``policy_means``).
 """
 
 from __future__ import annotations
@@ -345,6 +347,33 @@ class Sketchpad(LatentMethod):
             state.features[r] = out[i, : lengths[i] * per]
             new.append(out[i, (lengths[i] - 1) * per : lengths[i] * per])
         return state.project(torch.cat(new)).to(hidden.dtype)  # (m, hidden)
+
+    def policy_means(self, model, hidden, rollouts):
+        """The vision head over each sketch's K states at once (its attention is causal, so slot j sees what it saw
+        in generation), with the global context generation had: the row's input images' ViT features and its earlier
+        sketches' features as generated (``rollouts.segment_features``, history like the latents fed)."""
+        c, backbone = self.config, model.backbone
+        k, width = c.num_latent_tokens, c.vision_feature_size
+        if hidden.shape[0] == 0:  # run the head and merger anyway (ZeRO-3: every process runs the same modules)
+            empty = hidden.new_zeros(1, 0, width)
+            out = self.head(hidden.new_zeros(1, 1, hidden.shape[-1]), empty, empty[..., 0].bool())
+            return backbone.project_vision_features(out[0])[:0].to(hidden.dtype)
+        if hidden.shape[0] % k or len(rollouts.segment_features) != hidden.shape[0] // k:
+            raise ValueError(f"sketchpad: {hidden.shape[0]} latent steps in {len(rollouts.segment_features)} "
+                             f"sketches; a sketch is exactly K={k} latents (generate with latent_steps='fixed')")
+        context = [[] for _ in range(rollouts.prompt_ids.shape[0])]
+        if rollouts.pixel_values is not None:
+            with torch.no_grad():
+                feats = backbone.vision_features(rollouts.pixel_values, rollouts.image_grid_thw)
+            for row, _, f in zip(*image_rows(rollouts.prompt_ids, backbone.image_token_id), feats):
+                context[row].append(f)
+        pieces = []
+        for features, row in zip(rollouts.segment_features, rollouts.latent_mask.nonzero()[::k, 0].tolist()):
+            pieces.append(list(context[row]))
+            context[row].append(features.to(hidden))
+        ctx, mask = pad_context(pieces, width, hidden)
+        out = self.head(hidden.view(-1, k, hidden.shape[-1]), ctx, mask)  # (sketches, k * per, d_v)
+        return backbone.project_vision_features(out.flatten(0, 1)).to(hidden.dtype)  # (sketches * k, hidden)
 
     def segment_features(self, state, row):
         return state.features[row] if isinstance(state, SketchState) else None

@@ -48,8 +48,11 @@ Knobs are named as TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_l
 - The KL reference (``beta > 0``) is a frozen full copy of the initial policy on every process (TRL runs it through
   DeepSpeed, partitioned under ZeRO-3): one forward per micro-batch, no all-gathers, one model's memory more.
 
-Never a silent fallback: ``score_latents`` with a method that has no continuous latents is an error, and a step whose
-rollouts hold no latent step is logged (``completions/latent_steps`` = 0) and warned about once.
+The means are ``method.policy_means`` (``next_latent(h_q)``; Sketchpad: its vision head over each sketch with the
+context generation gave it, the input images and the sketches generated before). Never a silent fallback:
+``score_latents`` with a method that has no continuous latents, or whose latents VLPO cannot score
+(``method.vlpo_refusal``: CoCoVa), is an error before the first rollout, and a step whose rollouts hold no latent step
+is logged (``completions/latent_steps`` = 0) and warned about once.
 Under ZeRO-3 with several processes every process runs the same forwards: rollouts are generated with ``synced=True``
 and each objective forward calls the vision tower, the LM head and the latent head whatever the batch holds.
 """
@@ -264,6 +267,7 @@ class Rollouts:
     old_log_probs: torch.Tensor | None = None  # (B, C), when the rollouts serve several optimizer steps
     ref_log_probs: torch.Tensor | None = None  # (B, C), when beta > 0
     normalizer: float | None = None  # dapo: actions per process in this micro-batch
+    segment_features: list = field(default_factory=list)  # each latent segment's method features, row-major
 
 
 def build_rollouts(model, images, prompts, prefixes, generations, advantages, ids) -> Rollouts:
@@ -275,7 +279,7 @@ def build_rollouts(model, images, prompts, prefixes, generations, advantages, id
     length = max(max(len(g.token_ids) for g in generations), 1)
     completion = torch.full((n, length), model.tokenizer.pad_token_id, dtype=torch.long)
     inside = torch.zeros(n, length, dtype=torch.bool)
-    latents = []
+    latents, features = [], []
     for b, g in enumerate(generations):
         completion[b, : len(g.token_ids)] = torch.tensor(g.token_ids, dtype=torch.long)
         inside[b, : len(g.token_ids)] = True
@@ -283,6 +287,7 @@ def build_rollouts(model, images, prompts, prefixes, generations, advantages, id
             if seg.positions is None or not bool((completion[b, seg.positions] == cfg.latent_pad_id).all()):
                 raise ValueError(f"record {ids[b]!r}: latent segment positions do not match the generated steps")
             latents.append(seg.latents)
+            features.append(seg.features)
     none = torch.zeros_like(inside)
     latent_mask = inside & (completion == cfg.latent_pad_id) if model.method.uses_latents else none
     forced = inside & (completion == cfg.latent_end_id) if model.method.uses_latents else none
@@ -294,7 +299,8 @@ def build_rollouts(model, images, prompts, prefixes, generations, advantages, id
         latent_mask=latent_mask.to(device),
         latents=torch.cat(latents).to(device=device, dtype=model.dtype) if latents
         else torch.zeros(0, model.backbone.hidden_size, device=device, dtype=model.dtype),
-        advantages=advantages.to(device), ids=list(ids))
+        advantages=advantages.to(device), ids=list(ids),
+        segment_features=[f if f is None else f.to(device) for f in features])
 
 
 def banned_ids(model) -> list[int]:
@@ -333,7 +339,7 @@ def action_log_probs(model, r: Rollouts, temperature: float, sigma: float, score
     token_lp = logits.log_softmax(-1).gather(1, r.completion_ids[r.text_mask][:, None]).squeeze(1)
     log_probs = log_probs.index_put(r.text_mask.nonzero(as_tuple=True), token_lp)
     if score_latents:
-        mu = model.method.next_latent(states[b, c])  # (n_latent, hidden), also when empty
+        mu = model.method.policy_means(model, states[b, c], r)  # (n_latent, hidden), also when empty
         log_probs = log_probs.index_put((b, c), gaussian_log_prob(r.latents, mu, sigma))
     return log_probs
 
@@ -453,6 +459,9 @@ class VLPOTrainer(LatentTrainer):
         if vlpo.score_latents and not model.method.uses_latents:
             raise ValueError(f"method {model.method.name!r} has no latent steps to score: set score_latents: false "
                              "(text-only GRPO)")
+        if vlpo.score_latents and model.method.vlpo_refusal:
+            raise ValueError(f"method {model.method.name!r}: VLPO cannot score its latents: "
+                             f"{model.method.vlpo_refusal}; set score_latents: false (text-only GRPO)")
         if vlpo.prefix and not model.method.uses_latents and model.method.config.latent_start_token in vlpo.prefix:
             raise ValueError(f"method {model.method.name!r} has no latent tokens; prefix cannot open a latent segment")
         if vlpo.score_latents and not vlpo.latent_exploration and not vlpo.off_policy:
