@@ -169,6 +169,9 @@ def converter_parser(name: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--images", type=existing_dir, default=None,
                    help="folder relative image paths start from (default: the source file's folder)")
     p.add_argument("--skip-bad", action="store_true", help="skip records that cannot be mapped instead of stopping")
+    p.add_argument("--allow-outside", type=existing_dir, action="append", default=[], metavar="PATH",
+                   help="also copy images from this folder (repeatable); by default a record's images must lie in "
+                        "the image root (--images, or the source file's folder)")
     return p
 
 
@@ -236,8 +239,8 @@ class DatasetWriter:
         # Converters meet free-form answers: keep the 100 most common and say how many distinct there are.
         self.info["answers"] = {s: dict(sorted(self.answers[s].most_common(100))) for s in SPLITS}
         self.info["distinct_answers"] = {s: len(self.answers[s]) for s in SPLITS}
-        (self.new / "dataset_info.json").write_text(json.dumps(self.info, indent=2, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
+        info = json.dumps(self.info, indent=2, ensure_ascii=False, default=str)  # default: --allow-outside's paths
+        (self.new / "dataset_info.json").write_text(info + "\n", encoding="utf-8")
         self.out.mkdir(exist_ok=True)
         old = self.tmp / "old"
         old.mkdir()
@@ -369,8 +372,9 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
 class Converted:
     """What a converter's ``to_record`` works with: the record id (for naming images) and image copying."""
 
-    def __init__(self, writer: DatasetWriter, image_root: Path, rid: str, copied: set):
+    def __init__(self, writer: DatasetWriter, image_root: Path, rid: str, copied: set, allow_outside: list[Path]):
         self.writer, self.image_root, self.rid, self.copied = writer, image_root, rid, copied
+        self.allow_outside = allow_outside  # folders besides image_root that images may come from
 
     def image(self, value: Any, field: str) -> str:
         """Copy a source image into ``images/`` and return its record path. ``value`` is a path (relative to the
@@ -388,9 +392,14 @@ class Converted:
         path = value.get("path") if isinstance(value, dict) else value
         if not isinstance(path, str) or not path:
             raise BadRecord(f"{field}: expected an image path, got {value!r}")
+        from vlatent.data.records import confined, image_problem  # torch-free builders stay light until a conversion
+
+        if not confined(self.image_root / path, self.image_root, self.allow_outside):
+            raise BadRecord(f"{field}: {path!r} lies outside the image root {str(self.image_root)!r} (pass "
+                            "--allow-outside FOLDER to copy images from another folder)")
         source = (self.image_root / path).resolve()
-        if not source.is_file():
-            raise BadRecord(f"{field}: image file {str(source)!r} does not exist")
+        if source not in self.copied and (problem := image_problem(source)):
+            raise BadRecord(f"{field}: {problem}")
         # Images shared by many records (LLaVA's COCO pictures) are copied once, under a name from their source path.
         name = hashlib.blake2b(str(source).encode(), digest_size=8).hexdigest()
         rel, dest = self.writer.image_path(name, source.suffix.lower())
@@ -422,7 +431,7 @@ def convert(args, name: str, version: int, to_record: Callable[[Any, Converted],
                 rid = row_id(row, n)
                 if rid in ids:
                     raise BadRecord(f"duplicate id {rid!r}")
-                record = to_record(row, Converted(writer, image_root, rid, copied))
+                record = to_record(row, Converted(writer, image_root, rid, copied, args.allow_outside))
             except BadRecord as e:
                 if not args.skip_bad:
                     raise BuildError(f"cannot convert {where}: {e} (pass --skip-bad to skip such records)") from None

@@ -14,20 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainingArguments, enable_full_determinism, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlatent.data import RecordError, load_records
 from vlatent.model import LatentVLM
 from vlatent.training import (LatentTrainer, LoraSettings, apply_freezing, apply_lora, load_recipe, parameter_counts,
                               plot_losses)
-
-RUN_FILE = "vlatent_run.json"  # the world size a run was started with: resuming needs the same
+from vlatent.training.trainer import (MANIFEST, STAGING, CheckpointError, NonFiniteError, checkpoints,
+                                      verify_checkpoint)
 
 
 def parse_args(argv, prog="vlatent train sft", description="SFT of a LatentVLM from a YAML recipe."):
@@ -38,24 +38,72 @@ def parse_args(argv, prog="vlatent train sft", description="SFT of a LatentVLM f
                     help="override a recipe entry, e.g. training.learning_rate=1e-5 (repeatable)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output_dir")
+    ap.add_argument("--allow-outside", action="append", default=[], metavar="PATH",
+                    help="let records read images from this folder too (repeatable); by default a record's images "
+                         "must lie in its dataset's folder")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
 
-def prepare_output(out: Path, resume: bool, overwrite: bool, world_size: int) -> str | None:
-    """Refuse to clobber a previous run; on --resume return its last checkpoint (same world size only)."""
+def run_info(recipe, world_size: int) -> dict:
+    """What a checkpoint records about its run, and what ``--resume`` must find unchanged (the recipe but its
+    output_dir, so that a moved run folder resumes)."""
+    resolved = json.loads(json.dumps(recipe.to_dict(), default=str))
+    resolved["training"].pop("output_dir", None)
+    return {"world_size": world_size, "recipe": resolved}
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool, recipe, world_size: int, rank: int = 0) -> str | None:
+    """Refuse to clobber a previous run (``--overwrite`` clears its checkpoints); on --resume return its last
+    complete checkpoint once it is verified against its manifest and found to be of this recipe and world size."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {str(out)!r} is a file, not a folder")
     if resume:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* directory in {str(out)!r}")
-        started = json.loads((out / RUN_FILE).read_text())["world_size"] if (out / RUN_FILE).is_file() else world_size
-        if started != world_size:
-            raise ValueError(f"--resume: {str(out)!r} was trained with {started} processes, this launch has "
-                             f"{world_size}; ZeRO checkpoints are partitioned per process, relaunch with {started}")
-        return last
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output_dir {str(out)!r} is not empty: pass --overwrite to replace it or --resume")
+        return resumable_checkpoint(out, run_info(recipe, world_size))
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output_dir {str(out)!r} is not empty: pass --overwrite to replace it or --resume")
+        if rank == 0:  # the old run's checkpoints must not be resumed into this one
+            for old in [*checkpoints(out), out / STAGING]:
+                shutil.rmtree(old, ignore_errors=True)
     return None
+
+
+def resumable_checkpoint(out: Path, info: dict) -> str:
+    """The newest complete checkpoint of ``out``, verified; incomplete ones are skipped with a message."""
+    if (out / STAGING).exists():
+        print(f"--resume: ignoring {str(out / STAGING)!r}, a save that was interrupted (it is rewritten on the next "
+              "save)", file=sys.stderr)
+    for folder in reversed(checkpoints(out) if out.is_dir() else []):
+        if not (folder / MANIFEST).is_file():
+            print(f"--resume: ignoring {str(folder)!r}: it has no {MANIFEST}, a save that was interrupted; delete it",
+                  file=sys.stderr)
+            continue
+        manifest = verify_checkpoint(folder)
+        changed = changed_keys(manifest.get("recipe", {}), info["recipe"])
+        if changed:
+            raise CheckpointError(f"--resume: {str(folder)!r} was trained with another recipe ({'; '.join(changed)}): "
+                                  "resume with the recipe it was started with, or start over with --overwrite")
+        if manifest.get("world_size") != info["world_size"]:
+            started = manifest.get("world_size")
+            raise CheckpointError(f"--resume: {str(out)!r} was trained with {started} processes, this launch has "
+                                  f"{info['world_size']}; ZeRO checkpoints are partitioned per process, relaunch with "
+                                  f"{started}")
+        return str(folder)
+    raise FileNotFoundError(f"--resume: no checkpoint-* directory in {str(out)!r}"
+                            + (" is complete" if out.is_dir() and checkpoints(out) else ""))
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each dotted recipe key whose value differs."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
 
 
 def check_lengths(collator, records: list[dict]) -> list[dict]:
@@ -124,21 +172,28 @@ def training_arguments(recipe) -> TrainingArguments:
     return TrainingArguments(**training, deepspeed=recipe.deepspeed, remove_unused_columns=False)
 
 
-def run(trainer, out: Path, recipe, world_size: int, last: str | None, title: str) -> None:
-    """Train (or resume), then save the model with the resolved recipe, the log history and the loss curves beside it."""
-    if trainer.is_world_process_zero():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps({"world_size": world_size, "recipe": recipe.source}))
-    trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        recipe.save(out / "recipe.yaml")  # overrides applied, paths resolved
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        plot_losses(trainer.state.log_history, out / "loss_curve.png", title=title)
-        print(f"saved {out}")
+def run(trainer, out: Path, recipe, world_size: int, last: str | None, title: str) -> int:
+    """Train (or resume), then save the model with the resolved recipe, the log history and the loss curves beside it.
+    Returns the exit status: 1 when training stopped on a non-finite value (no final model saved), else 0."""
+    trainer.run_info = run_info(recipe, world_size)  # into every checkpoint's manifest, checked by --resume
+    status = 0
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = 1
+    else:
+        trainer.save_model(str(out))
+        if trainer.is_world_process_zero():
+            recipe.save(out / "recipe.yaml")  # overrides applied, paths resolved
+            (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+            plot_losses(trainer.state.log_history, out / "loss_curve.png", title=title)
+            print(f"saved {out}")
     if torch.distributed.is_initialized():  # a rank that exits with gloo's threads alive aborts ("terminate called")
-        torch.distributed.barrier()
+        if status == 0:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    return status
 
 
 def main(argv=None) -> int:
@@ -151,9 +206,11 @@ def main(argv=None) -> int:
             raise ValueError(f"recipe {args.config!r} has a 'vlpo:' section: it is an RL recipe, run it with "
                              "`vlatent train vlpo`")
         out = Path(recipe.training["output_dir"])
-        last = prepare_output(out, args.resume, args.overwrite, world_size)
-        train_records = load_records(recipe.data.train)
-        eval_records = load_records(recipe.data.eval) if recipe.data.eval else None
+        last = prepare_output(out, args.resume, args.overwrite, recipe, world_size, rank)
+        train_records = load_records(recipe.data.train, allow_outside=args.allow_outside)
+        if not train_records:
+            raise ValueError(f"data.train {recipe.data.train!r} holds no records")
+        eval_records = load_records(recipe.data.eval, allow_outside=args.allow_outside) if recipe.data.eval else None
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -174,8 +231,7 @@ def main(argv=None) -> int:
     train_data, sampler = model.method.training_data(train_records)  # the records, or a method's views + schedule
     trainer = LatentTrainer(model=model, args=training_arguments(recipe), train_dataset=train_data,
                             eval_dataset=eval_records, data_collator=collator, train_sampler=sampler)
-    run(trainer, out, recipe, world_size, last, title=f"{model.method.name} SFT")
-    return 0
+    return run(trainer, out, recipe, world_size, last, title=f"{model.method.name} SFT")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.config, args.set)
         config = check_recipe(recipe)
         out = Path(recipe.training["output_dir"])
-        last = prepare_output(out, args.resume, args.overwrite, world_size)
-        records = load_records(recipe.data.train)
+        last = prepare_output(out, args.resume, args.overwrite, recipe, world_size, rank)
+        records = load_records(recipe.data.train, allow_outside=args.allow_outside)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,8 +66,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # batch size vs num_generations, method vs score_latents
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(trainer, out, recipe, world_size, last, title=f"{model.method.name} VLPO")
-    return 0
+    return run(trainer, out, recipe, world_size, last, title=f"{model.method.name} VLPO")
 
 
 if __name__ == "__main__":

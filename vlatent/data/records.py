@@ -16,6 +16,8 @@ from PIL import Image
 
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("text", "image", "latent")
+MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard as the demo's, read from the header (load_records' argument)
+MAX_ASPECT_RATIO = 200  # the Qwen-VL image processors refuse a longer side over 200x the shorter
 
 
 class RecordError(ValueError):
@@ -31,24 +33,39 @@ def record_error(record_id: str | None, where: str, field: str, problem: str) ->
     return RecordError(f"{who}: {field}: {problem}")
 
 
-def _check_image_file(path: Path) -> str | None:
-    """What is wrong with the image file at ``path``, or None when PIL can read it."""
+def image_problem(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+    """What is wrong with the image file at ``path``, or None when PIL can read it and its size is usable."""
     if not path.is_file():
         return f"image file {str(path)!r} does not exist"
     try:
         with Image.open(path) as im:
+            w, h = im.size
             im.verify()
     except Exception as e:  # PIL raises many types for truncated or non-image files
         return f"image file {str(path)!r} is not a readable image ({type(e).__name__}: {e})"
+    if w * h > max_pixels:
+        return (f"image file {str(path)!r} is {w}x{h} pixels, over the {max_pixels:,}-pixel limit (decompression-bomb "
+                "guard; raise load_records' max_image_pixels to allow it)")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return (f"image file {str(path)!r} is {w}x{h} pixels: an aspect ratio over {MAX_ASPECT_RATIO}, which the model "
+                "cannot take")
     return None
 
 
-def validate_record(record: Any, root: str | os.PathLike | None, where: str = "", *, check_images: bool = True) -> dict:
+def confined(path: Path, root: Path, allow_outside: Iterable[str | os.PathLike] = ()) -> bool:
+    """Whether ``path`` (symlinks resolved) lies in ``root`` or in one of the ``allow_outside`` folders."""
+    real = path.resolve()
+    return any(real.is_relative_to(Path(folder).resolve()) for folder in (root, *allow_outside))
+
+
+def validate_record(record: Any, root: str | os.PathLike | None, where: str = "", *, check_images: bool = True,
+                    allow_outside: Iterable[str | os.PathLike] = (), max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict:
     """Check one record and return a copy with absolute image paths and content items without None fields.
 
-    ``root`` is the folder relative image paths start from (None: paths must be absolute). ``where`` says where the
-    record came from (``"train.jsonl line 3"``) and goes into every error. ``check_images=False`` skips opening the
-    image files (a file gone missing is then reported by the collator).
+    ``root`` is the folder relative image paths start from, and the one every image must lie in (symlinks resolved)
+    unless it lies in an ``allow_outside`` folder; None: paths must be absolute, and are not confined. ``where`` says
+    where the record came from (``"train.jsonl line 3"``) and goes into every error. ``check_images=False`` skips
+    opening the image files (a file gone missing is then reported by the collator).
     """
     if not isinstance(record, dict):
         raise record_error(None, where, "record", f"expected a JSON object, got {type(record).__name__}")
@@ -71,8 +88,11 @@ def validate_record(record: Any, root: str | os.PathLike | None, where: str = ""
             if root is None:
                 raise fail(f"images[{i}]", f"relative path {p!r} needs a root folder (pass root=)")
             path = Path(root) / path
+        if root is not None and not confined(path, Path(root), allow_outside):
+            raise fail(f"images[{i}]", f"{p!r} lies outside the dataset folder {str(root)!r} (pass --allow-outside "
+                                       "FOLDER, allow_outside= in Python, to read images from another folder)")
         path = path.resolve()
-        if check_images and (problem := _check_image_file(path)):
+        if check_images and (problem := image_problem(path, max_image_pixels)):
             raise fail(f"images[{i}]", problem)
         resolved.append(str(path))
 
@@ -102,6 +122,12 @@ def validate_record(record: Any, root: str | os.PathLike | None, where: str = ""
                 raise fail(f"{at_c}.type", f"unknown content type {kind!r}; expected one of {', '.join(CONTENT_TYPES)}")
             if kind == "text" and not isinstance(item.get("text"), str):
                 raise fail(f"{at_c}.text", f"expected a string, got {item.get('text')!r}")
+            if kind == "text" and not item["text"].isascii():
+                try:
+                    item["text"].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise fail(f"{at_c}.text", f"character {e.start} is a lone UTF-16 surrogate "
+                                               f"({item['text'][e.start]!r}), not text") from None
             if kind in ("image", "latent"):
                 idx = item.get("image")
                 if not isinstance(idx, int) or isinstance(idx, bool):
@@ -116,8 +142,11 @@ def validate_record(record: Any, root: str | os.PathLike | None, where: str = ""
         if role == "assistant" and all(it["type"] == "text" and not it["text"].strip() for it in items):
             raise fail(f"{at}.content", "empty assistant turn (no content, or only empty text)")
         clean_messages.append({**msg, "content": items})
-    if not any(msg["role"] == "assistant" for msg in clean_messages):
+    roles = [msg["role"] for msg in clean_messages]
+    if "assistant" not in roles:
         raise fail("messages", "no assistant turn, so nothing to train on")
+    if "user" not in roles[: roles.index("assistant")]:
+        raise fail("messages", "the first assistant turn has no user turn before it")
     return {**record, "images": resolved, "messages": clean_messages}
 
 
@@ -127,12 +156,15 @@ def load_records(
     split: str | None = None,
     root: str | os.PathLike | None = None,
     check_images: bool = True,
+    allow_outside: Iterable[str | os.PathLike] = (),
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[dict]:
     """Open a dataset and validate every record: a ``.jsonl`` file, a folder with ``split="train"`` (reads
     ``train.jsonl``), or an HF ``datasets.Dataset`` / list of dicts with the same columns.
 
     Relative image paths start from the jsonl's folder, or from ``root`` (required for relative paths in a
-    dataset). Returns the records with absolute image paths; raises ``RecordError`` at the first bad record.
+    dataset); images must lie in that folder or in an ``allow_outside`` one, and hold at most ``max_image_pixels``.
+    Returns the records with absolute image paths; raises ``RecordError`` at the first bad record.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -149,7 +181,8 @@ def load_records(
 
     records, seen = [], {}
     for where, row in rows:
-        rec = validate_record(row, root, where, check_images=check_images)
+        rec = validate_record(row, root, where, check_images=check_images, allow_outside=allow_outside,
+                              max_image_pixels=max_image_pixels)
         if rec["id"] in seen:
             raise record_error(rec["id"], where, "id", f"duplicate id, first used at {seen[rec['id']]}")
         seen[rec["id"]] = where
@@ -158,11 +191,16 @@ def load_records(
 
 
 def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise record_error(None, where, "line", f"byte {e.start} is not UTF-8 ({raw[e.start:e.start + 1]!r}); "
+                                   "records are UTF-8 JSON") from None
             if not line.strip():
                 continue
-            where = f"{path} line {n}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:

@@ -1,13 +1,78 @@
 """``LatentTrainer``: ``transformers.Trainer`` for a ``LatentVLM``, with the method's named losses logged one by one
-and checkpoints written by ``LatentVLM.save_pretrained`` (also the consolidated weights under ZeRO-3)."""
+and checkpoints written by ``LatentVLM.save_pretrained`` (also the consolidated weights under ZeRO-3).
+
+Checkpoints are written into a staging folder and renamed to ``checkpoint-N`` only when complete, with a manifest
+of their files' hashes that ``--resume`` verifies (``verify_checkpoint``); training stops on a non-finite loss,
+gradient norm or weight (``NonFiniteError``) before anything non-finite is saved."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .lora import merge_lora
+
+MANIFEST = "vlatent_manifest.json"  # written last: a checkpoint without it is incomplete
+STAGING = ".checkpoint-staging"  # checkpoints are written here, then renamed into the run folder
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight: the run stops before saving it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that ``--resume`` must not load: incomplete, altered, or from another recipe."""
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the manifest, by path relative to it."""
+    hashes = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        hashes[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def write_manifest(folder: Path, run: dict) -> None:
+    """Record the checkpoint's file hashes and the run it belongs to (recipe, world size)."""
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({**run, "files": file_hashes(folder)}, indent=1, default=str))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """The manifest of ``folder`` once every file matches it (no file missing, altered or added); else
+    ``CheckpointError`` naming the file. Nothing in the folder is unpickled before this passes."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        expected = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{str(folder)!r} has no readable {MANIFEST} ({e}): it is incomplete or was not "
+                              "written by vlatent; delete it to resume from an earlier checkpoint") from None
+    actual = file_hashes(folder)
+    for name in sorted(set(expected) | set(actual)):
+        problem = ("is missing" if name not in actual else "is not in the manifest" if name not in expected
+                   else "does not match its hash" if actual[name] != expected[name] else None)
+        if problem:
+            raise CheckpointError(f"checkpoint {str(folder)!r}: {name} {problem}; refusing to load it (delete the "
+                                  "checkpoint to resume from an earlier one)")
+    return manifest
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters (this process's ZeRO-3 shard when partitioned) holding a NaN or an infinity."""
+    return [n for n, p in model.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p.data)).all()]
 
 FREEZE_SWITCHES = ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")
 
@@ -37,6 +102,8 @@ class LatentTrainer(Trainer):
     def __init__(self, *args, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_sampler = train_sampler  # from ``method.training_data`` (e.g. perception's curriculum)
+        self.run_info: dict = {}  # written into each checkpoint's manifest (train/sft.py: recipe, world size)
+        self._staging = False
         self._named: dict[str, torch.Tensor] = {}
         self._named_since = 0
 
@@ -50,6 +117,61 @@ class LatentTrainer(Trainer):
             value = value.detach().float() * scale
             self._named[name] = self._named.get(name, 0.0) + value
         return (out.loss, out) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self._stop(f"the loss is {loss.float().mean().item()}")
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        finite = grad_norm is None or torch.isfinite(torch.as_tensor(grad_norm)).all()
+        if not finite and not self.args.fp16:  # fp16's loss scaler skips overflowing steps by itself
+            self._stop(f"the gradient norm is {float(grad_norm)}")
+        return grad_norm
+
+    def _stop(self, what: str):
+        """Raise ``NonFiniteError`` for the step in progress, naming the last complete checkpoint."""
+        step = self.state.global_step + 1
+        last = last_checkpoint(Path(self.args.output_dir))
+        raise NonFiniteError(f"training stopped at step {step}: {what} (learning_rate={self.args.learning_rate}); "
+                             "the final model was not saved, "
+                             + (f"the last good checkpoint is {last}" if last else "no checkpoint was saved"))
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` into the staging folder, hash it, then rename it into the run folder."""
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            self._stop(f"{len(bad)} weight(s) are not finite, e.g. {bad[0]}; checkpoint not written")
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:  # leftovers of an interrupted save must not enter this one's manifest
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if self.args.should_save:
+            staged, final = run_dir / STAGING / name, run_dir / name
+            write_manifest(staged, self.run_info)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            if self.state.best_global_step:
+                best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+                self.state.best_model_checkpoint = str(best) if best.exists() else None
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._named:  # a training log: add the running means of the named losses
@@ -74,3 +196,15 @@ class LatentTrainer(Trainer):
             raise ValueError(f"--resume of a LoRA run needs DeepSpeed: {resume_from_checkpoint!r} holds merged "
                              "weights, and only a DeepSpeed checkpoint keeps the adapters apart")
         (model or self.model).load_weights(resume_from_checkpoint)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The highest-numbered ``checkpoint-N`` of ``run_dir`` that has a manifest (complete), if any."""
+    done = [p for p in checkpoints(run_dir) if (p / MANIFEST).is_file()]
+    return done[-1] if done else None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``run_dir``, complete or not, by step."""
+    found = [p for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
