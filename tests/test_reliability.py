@@ -221,7 +221,8 @@ def test_resume_refuses_an_altered_or_added_file_before_unpickling_it(tmp_path, 
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe_and_overwrite_clears_it(tmp_path, tiny_base, data, capsys):
-    """An old run's folder: `--resume` with a changed recipe names the changed key and exits 2; `--overwrite`
+    """An old run's folder: `--resume` with a changed recipe names the changed key and exits 2 (another process
+    count is refused too); `--overwrite`
     starts over and removes the old run's checkpoints, so a later `--resume` cannot continue the old run."""
     cfg = recipe(tmp_path, tiny_base, data, max_steps=2)
     assert sft(["--config", cfg]) == 0
@@ -229,6 +230,8 @@ def test_resume_refuses_a_checkpoint_of_another_recipe_and_overwrite_clears_it(t
     assert sft(["--config", cfg, "--resume", "--set", "training.learning_rate=0.01"]) == 2
     err = capsys.readouterr().err
     assert "another recipe" in err and "training.learning_rate: 0.001 -> 0.01" in err, err
+    with pytest.raises(ValueError, match="trained with 1 processes, this launch has 2; .* relaunch with 1"):
+        prepare_output(tmp_path / "out", True, False, load_recipe(cfg), 2)
     assert sft(["--config", cfg, "--overwrite", "--set", "training.save_strategy=no"]) == 0
     assert not list((tmp_path / "out").glob("checkpoint-*"))
     assert sft(["--config", cfg, "--resume"]) == 2
