@@ -139,10 +139,16 @@ KILL_POINTS = ["before weights", "during weights", "after weights", "during opti
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_base, data):
-    """Final weights of the same 3-step run, never interrupted."""
+    """The same 3-step run, never interrupted: its folder."""
     tmp = tmp_path_factory.mktemp("straight")
     assert sft(["--config", recipe(tmp, tiny_base, data)]) == 0
-    return weights(tmp / "out")
+    return tmp / "out"
+
+
+def logged(out: Path) -> dict[int, dict]:
+    """The training logs of a run by step: the loss and the named losses."""
+    history = json.loads((out / "log_history.json").read_text())
+    return {e["step"]: {k: v for k, v in e.items() if k.startswith("loss")} for e in history if "loss" in e}
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -171,9 +177,13 @@ def test_a_kill_while_saving_leaves_no_checkpoint_that_resume_picks(tmp_path, ti
     capsys.readouterr()
     assert sft(["--config", cfg, "--resume"]) == 0
     assert ("ignoring" in capsys.readouterr().err) == staged
-    resumed = weights(out)
-    for k in straight:
-        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5, msg=k)
+    resumed, expected = weights(out), weights(straight)
+    for k in expected:
+        torch.testing.assert_close(resumed[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+    after, before = logged(out), logged(straight)  # after the resume the curve is the uninterrupted one
+    assert sorted(after) == [1, 2, 3], after
+    for step in after:
+        assert after[step] == pytest.approx(before[step], rel=1e-3, abs=1e-4), (step, after, before)
     assert not (out / trainer_module.STAGING).exists()
 
 

@@ -175,7 +175,8 @@ class LatentTrainer(Trainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._named:  # a training log: add the running means of the named losses
-            steps = max(1, self.state.global_step - self._named_since)
+            since = max(self._named_since, getattr(self, "_initial_global_step", 0))  # a resumed run starts there
+            steps = max(1, self.state.global_step - since)
             for name, total in sorted(self._named.items()):
                 logs[f"loss_{name}"] = round(nested_gather(total.reshape(1), self.args.parallel_mode).mean().item() / steps, 4)
             self._named, self._named_since = {}, self.state.global_step
