@@ -203,9 +203,13 @@ def test_heat_map_grid_is_the_familys_own_token_layout(pair_model, family):
     patches = image_patch_features(model, IMAGES[0])
     rows, cols = patches.grid
     assert patches.features.shape == (rows * cols, model.backbone.hidden_size) and rows > 1 and cols > 1
-    view = inspect_latents(model, patches.features[:2], patches)  # a latent equal to a patch peaks on that patch
+    # a latent equal to a patch peaks on that patch, at its row and column: patch `cols` opens row 1 (a transposed or
+    # column-major grid puts it in row 0), patch `cols + 1` is the second of row 1
+    picked = [cols, cols + 1]
+    view = inspect_latents(model, patches.features[picked], patches)
     assert view.overlays and len(view.overlays) == 2 and view.similarity.shape == (2, rows, cols)
-    assert torch.isclose(view.similarity[1].flatten()[1], view.similarity[1].max())  # patch 1 is where latent 1 peaks
+    for sim, (r, c) in zip(view.similarity, [(1, 0), (1, 1)]):
+        assert torch.isclose(sim[r, c], sim.max()), (family, (r, c), divmod(int(sim.argmax()), cols))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -2,11 +2,13 @@
 tiny model, bad uploads refused with a message, and the page driven in a real headless Chromium."""
 
 import os
+import re
 import shutil
 import socket
 import sys
 import urllib.error
 import urllib.request
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -204,7 +206,12 @@ def test_run_streams_text_and_latent_cards_with_images(mirage_model, image_file,
     assert Image.open(picture).size[0] > 0 and "heat map" in caption
 
     html = app.intervene("zero", final[RECORD])
-    assert "latents zeroed" in html and ("answer changed" in html or "answer unchanged" in html)
+    assert "latents zeroed" in html
+    unmodified, zeroed = (unescape(t) for t in re.findall(r'<td class="vl-text">(.*?)</td>', html, re.S))
+    assert unmodified == gen.text  # the baseline column is the run being intervened on
+    words = [re.sub(r"\[latent x\d+\]", "", t).strip() for t in (unmodified, zeroed)]
+    assert f"answer {'changed' if words[0] != words[1] else 'unchanged'}" in html, (words, html)
+    assert "after the intervention: 0.00" in html  # the rerun really fed zero latents
     html = app.intervene("swap", final[RECORD])
     assert "donor: example" in html  # another example of the dataset lent its latents
     assert "Press Run first" in app.intervene("noise", None)

@@ -62,13 +62,23 @@ def model(tiny_base, tokenizer_dir):
 def test_tokenizer_script_trains_and_round_trips(tokenizer_dir, depth_data):
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
     assert metrics["codes_per_map"] == N_CODES and metrics["heldout_maps"] == 2
-    assert 0 < metrics["mae"] < 128 and metrics["psnr"] > 0
     tok = load_decoder(tokenizer_dir)
     assert isinstance(tok, DepthTokenizer)
     maps = [Image.open(r["images"][1]) for r in load_records(depth_data / "val.jsonl")]
     codes = tok.encode(maps)
     assert codes.shape == (2, N_CODES) and codes.dtype == torch.long and int(codes.max()) < CODEBOOK
     images = tok.render(codes)
+    # the reported error is the round trip's, and it beats a map of the training maps' mean depth (30 steps do not
+    # beat the pixel-wise mean map: the builder's maps share one layout, MAE 5 of 255 around it)
+    def pixels(im):
+        return torch.tensor(list(im.convert("L").resize((32, 32), Image.BILINEAR).getdata()), dtype=torch.float)
+
+    train_maps = [Image.open(r["images"][1]) for r in load_records(depth_data / "train.jsonl")]
+    mean_depth = torch.stack([pixels(m) for m in train_maps]).mean()
+    truth = torch.stack([pixels(m) for m in maps])
+    round_trip = (torch.stack([pixels(im) for im in images]) - truth).abs().mean()
+    assert abs(round_trip - metrics["mae"]) < 1.0, (round_trip, metrics["mae"])
+    assert round_trip < 0.5 * (mean_depth - truth).abs().mean(), (round_trip, mean_depth)
     assert len(images) == 2 and images[0].size == (32, 32) and images[0].mode == "L"
     assert tok.render([codes[0]])[0].tobytes() == images[0].tobytes()
     with pytest.raises(ValueError, match=f"must lie in \\[0, {CODEBOOK}\\)"):

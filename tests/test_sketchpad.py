@@ -129,7 +129,9 @@ def test_decoder_script_learns_and_writes_a_loadable_decoder(decoder, tiny_base,
     log = [e for e in json.loads((decoder / "train_log.json").read_text()) if e["phase"] == "aligner"]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"], log
     result = json.loads((decoder / "metrics.json").read_text())
-    assert result["held_out_images"] >= 1 and result["decoded_from_features"]["psnr"] > 0
+    # no PSNR bound: at this budget (40 VAE + 150 aligner steps) the decoder does not beat a constant colour, so
+    # "psnr > 0" could never fail, and a bound against a baseline needs far longer training than a unit test affords
+    assert result["held_out_images"] >= 1
     assert Image.open(decoder / "reconstructions.png").size[1] == 3 * (32 + 2)
     loaded = load_decoder(decoder)
     assert isinstance(loaded, SketchDecoder) and loaded.config.num_features == 16 and loaded.config.feature_dim == 32
