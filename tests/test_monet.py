@@ -448,3 +448,28 @@ def test_stage3_pairs_the_i_th_student_slot_with_the_i_th_teacher_slot(stage3, r
                                          dim=0)
              for l in range(len(hs.hidden_states)) for (rs, ps), (rt, pt) in zip(s_slots, t_slots)]
     torch.testing.assert_close(got, torch.stack(terms).mean(), atol=1e-5, rtol=1e-4)
+
+
+def test_stage2_alignment_recomputed_on_the_observation_tokens(stage2, records):
+    """Stage-2 alignment value recomputed here: the student (auxiliary image, latents filled recurrently, stage-2 mask)
+    and the stage-1 teacher (the image inline, no latents) at their observation tokens, i-th with i-th, over all L + 1
+    states, 1 - cos over the hidden axis. Catches the twin pass changing the value, or observation tokens misaligned."""
+    model, m = stage2, stage2.method
+    batch = model.collator()(records)
+    tb = batch["teacher"]
+    with torch.no_grad():
+        got = model(batch).losses["alignment"]
+        teacher = m._teacher[0]  # loaded from its path by the first forward
+        embeds, positions = model.embed_inputs(batch), model.position_ids(batch)
+        mask = m.stage2_mask(model, batch, embeds.dtype)
+        filled, _, _ = model.fill_latents(embeds, batch, positions, mask)
+        hs = model.backbone(filled, positions, mask, output_hidden_states=True).hidden_states
+        ths = teacher.run_language_model(teacher.embed_inputs(tb), tb, output_hidden_states=True).hidden_states
+    obs = [(r, p) for r, p in batch["observation_mask"].nonzero().tolist()]
+    t_obs = [(r, p) for r, p in tb["observation_mask"].nonzero().tolist()]
+    assert len(obs) == len(t_obs) > 0
+    for (r, p), (tr, tp) in zip(obs, t_obs):  # the same words on both sides
+        assert batch["input_ids"][r, p] == tb["input_ids"][tr, tp]
+    terms = [1 - torch.cosine_similarity(hs[l][r, p].float(), ths[l][tr, tp].float(), dim=0)
+             for l in range(len(hs)) for (r, p), (tr, tp) in zip(obs, t_obs)]
+    torch.testing.assert_close(got, torch.stack(terms).mean(), atol=1e-5, rtol=1e-4)

@@ -130,6 +130,22 @@ def test_collated_text_holds_depth_and_box_tokens(model, depth_data, tmp_path):
     assert (boxes - torch.tensor(record["meta"]["boxes"], dtype=torch.float32)).abs().max() <= 192 / 16 / 2 + 1
 
 
+def test_training_loss_is_the_hf_models_own_next_token_ce(model, depth_data):
+    """Perception trains plain next-token CE over text, depth and box tokens: the same number as the HF model's own
+    ``loss`` for these labels (transformers shifts and masks -100 itself). Catches an unshifted CE, supervised prompt
+    or padding positions, or a code segment whose labels were dropped."""
+    batch = model.collator()(load_records(depth_data / "train.jsonl")[:3])
+    hf = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+          if k in batch}
+    with torch.no_grad():
+        ours = model(batch).loss
+        reference = model.backbone.model(**hf, labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    cfg = model.method.config
+    codes = (batch["labels"] >= cfg.depth_code_id) & (batch["labels"] < cfg.depth_code_id + cfg.codebook_size)
+    assert int(codes.sum()) == 3 * N_CODES  # every depth code is a CE target
+
+
 def test_constrained_decoding_always_yields_decodable_segments(model):
     cfg = model.method.config
     images = [tiny_image(0), tiny_image(1), None]
