@@ -202,6 +202,30 @@ def test_cocova_contrastive_is_symmetric_infonce_on_centred_pooled_views(cocova,
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_cocova_ce_is_next_token_ce_over_the_filled_sequence(cocova, records):
+    """CE on the sequence whose slots hold the LQ-Former's latents (the ones the training pass made, caught with a
+    forward hook), recomputed here. Catches CE taken over the unfilled pads or an unshifted CE."""
+    model, m = cocova, cocova.method
+    batch = model.collator()(records)
+    made = []
+    hook = m.lq_former.register_forward_hook(lambda mod, args, out: made.append(out.latents.detach()))
+    try:
+        with torch.no_grad():
+            got = model(batch).losses["ce"]
+    finally:
+        hook.remove()
+    where = slots(batch, m.config.latent_pad_id)
+    latents = torch.cat(made)
+    assert latents.shape[0] == len(where)
+    order = sorted(range(len(where)), key=lambda i: (where[i][1], where[i][0]))  # filled pass by pass, by position
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch).clone()
+        for n, i in enumerate(order):
+            embeds[where[i]] = latents[n]
+        hidden = model.run_language_model(embeds, batch).last_hidden_state
+    torch.testing.assert_close(got, inline_ce(model, hidden, batch["labels"]), atol=1e-5, rtol=1e-4)
+
+
 def test_cocova_diffusion_predicts_the_noise_of_the_ddpm_forward_process(cocova, records):
     """With the same seed: x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps (linear betas 1e-4..0.02), the UNet conditioned
     on the K thoughts, MSE against eps. Catches an x0 target, a wrong noising rule or unconditioned UNet."""
