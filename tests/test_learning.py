@@ -62,6 +62,13 @@ def test_every_arm_recipe_loads():
         assert abs(sum(s["share"] for s in arm["stages"]) - 1) < 0.02, path
 
 
+def hit_rate(eval_dir: Path) -> float:
+    """The fraction of an evaluation's prediction rows marked correct."""
+    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    assert rows and (eval_dir / "scores.json").is_file()
+    return sum(bool(r["correct"]) for r in rows) / len(rows)
+
+
 @pytest.mark.slow
 def test_one_arm_end_to_end(tmp_path):
     """sketchpad on maze, 2 seeds: seed 0 at both learning rates (val + test), seed 1 at the one val picked, the
@@ -79,7 +86,9 @@ def test_one_arm_end_to_end(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     runs = tmp_path / "runs/runs/sketchpad/maze"
     trials = [json.loads((runs / f"seed0/lr{lr:g}/result.json").read_text()) for lr in arm["learning_rates"]]
-    assert all(0 <= t["val_accuracy"] <= 1 and "accuracy" not in t for t in trials)  # tuning never sees test
+    assert all("accuracy" not in t for t in trials)  # tuning never sees test
+    for t in trials:  # each accuracy is its own predictions' hit rate
+        assert t["val_accuracy"] == pytest.approx(hit_rate(runs / f"seed0/lr{t['lr']:g}/eval_val"))
     chosen = max(trials, key=lambda t: (t["val_accuracy"], -arm["learning_rates"].index(t["lr"])))["lr"]
     assert [p.name for p in (runs / "seed1").iterdir()] == [f"lr{chosen:g}"]
     result = json.loads((runs / f"seed1/lr{chosen:g}/result.json").read_text())
@@ -87,7 +96,7 @@ def test_one_arm_end_to_end(tmp_path):
     assert set(result["interventions"]) == {"zero", "swap", "noise"}
     # seed 0's test split and interventions: a job of their own, for the rate val picked only
     picked = json.loads((runs / f"seed0/lr{chosen:g}/test/result.json").read_text())
-    assert 0 <= picked["accuracy"] <= 1 and (runs / f"seed0/lr{chosen:g}/test/eval_test/scores.json").is_file()
+    assert picked["accuracy"] == pytest.approx(hit_rate(runs / f"seed0/lr{chosen:g}/test/eval_test"))
     assert set(picked["interventions"]) == {"zero", "swap", "noise"} and 0 <= picked["latent_rate"] <= 1
     assert [p.parent.name for p in runs.glob("seed0/*/test")] == [f"lr{chosen:g}"]
     report = (tmp_path / "LEARNING.md").read_text()
