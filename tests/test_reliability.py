@@ -354,3 +354,18 @@ def test_converters_copy_only_real_images_from_the_image_root(tmp_path, capsys):
     assert build_data(["llava", "--source", source(str(outside / "pic.png")), "--out", str(out), "--overwrite",
                        "--allow-outside", str(outside), "--split", "1,0,0"]) == 0
     assert len(list((out / "images").iterdir())) == 1
+
+
+def test_evaluation_during_training_reports_eval_loss_and_loads_the_best_checkpoint(tmp_path, tiny_base, data):
+    """data.eval with eval_strategy: an eval_loss at each evaluation; load_best_model_at_end with a metric where
+    higher is better (so the best is the first evaluation, not the last) ends on that checkpoint's weights."""
+    cfg = recipe(tmp_path, tiny_base, data, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
+                 load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    assert sft(["--config", cfg, "--set", f"data.eval={data}"]) == 0
+    out = tmp_path / "out"
+    evals = [e for e in json.loads((out / "log_history.json").read_text()) if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4] and all(e["eval_loss"] > 0 for e in evals), evals
+    best = 2 if evals[0]["eval_loss"] >= evals[1]["eval_loss"] else 4
+    final, kept, other = weights(out), weights(out / f"checkpoint-{best}"), weights(out / f"checkpoint-{6 - best}")
+    assert all(torch.equal(final[k], kept[k]) for k in final)
+    assert any(not torch.equal(final[k], other[k]) for k in final)

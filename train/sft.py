@@ -166,7 +166,7 @@ def load_model(recipe, rank: int) -> tuple[LatentVLM, dict]:
 def training_arguments(recipe) -> TrainingArguments:
     if recipe.deepspeed:
         single_process_env()
-    training = {"report_to": [], "logging_steps": 1, "save_strategy": "no",
+    training = {"logging_steps": 1, "save_strategy": "no",
                 "use_cpu": not torch.cuda.is_available(),  # no GPU: accelerate's multi-CPU (gloo) path
                 **recipe.training}
     return TrainingArguments(**training, deepspeed=recipe.deepspeed, remove_unused_columns=False)

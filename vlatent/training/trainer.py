@@ -118,6 +118,13 @@ class LatentTrainer(Trainer):
             self._named[name] = self._named.get(name, 0.0) + value
         return (out.loss, out) if return_outputs else out.loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The eval loss of a batch (``eval_loss``); a LatentVLM takes the collated batch whole and has no logits to
+        compare, so evaluation during training is the loss on ``data.eval``."""
+        with torch.no_grad():
+            loss = model(self._prepare_inputs(inputs)).loss
+        return loss.detach(), None, None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -189,6 +196,16 @@ class LatentTrainer(Trainer):
         if getattr(model, "lora", None) is not None:  # checkpoints stay plain HF: adapters merged in
             state_dict = merge_lora(model.state_dict() if state_dict is None else state_dict, model.lora.scaling)
         model.save_pretrained(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the Trainer's own loader would match no key of a LatentVLM (strict=False)."""
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        if getattr(self.model, "lora", None) is not None:  # merged weights cannot go back into separate adapters
+            print(f"load_best_model_at_end: {self.state.best_model_checkpoint} holds merged LoRA weights, which only "
+                  "DeepSpeed can reload; keeping the last weights")
+            return
+        self.model.load_weights(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_deepspeed_enabled:  # the DeepSpeed engine restores its own partitioned states
