@@ -16,6 +16,16 @@ Built-in rewards:
   word can match inside a longer one, e.g. "no" inside "know").
 - ``format`` (1.0 / 0.0): the answer is stated as the records state it, "The answer is X".
 
+Monet's released RL reward (NOVAglow646/Monet@0893999 RL/examples/reward_function/monet_reward_function.py:31-67,
+``0.9 x accuracy + 0.1 x format - 0.001 x length penalty``) as three rewards, weighted in the recipe:
+
+- ``boxed_accuracy`` (1.0 / 0.0): the content of the last ``\boxed{...}`` (braces may nest, as mathruler's
+  ``extract_boxed_content``), else the whole completion, judged as ``accuracy`` judges. The release grades with
+  mathruler's ``grade_answer``, then asks an API model about what the rules reject; neither is done here.
+- ``boxed_format`` (1.0 / 0.0): a ``\boxed{...}`` occurs, after spaces around ``<``, ``>``, ``/`` are removed.
+- ``length_penalty`` (<= 0): ``-(steps - reference)`` where the completion's generated steps exceed
+  ``meta.reference_length`` (a positive reference length; ``None`` without one).
+
 Register your own with ``@register_reward("name")`` (or name a ``module:function`` in the recipe).
 """
 
@@ -94,6 +104,50 @@ _ANSWER_IS = re.compile(r"\banswer is\s*:?\s*\S", re.IGNORECASE)
 def format_reward(completions: list[str], **kwargs) -> list[float]:
     """1.0 where the completion states an answer as "The answer is X"."""
     return [float(bool(_ANSWER_IS.search(c))) for c in completions]
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text``, braces balanced; ``None`` without a closed one."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed{"), len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            if depth == 0:
+                return text[start + len("\\boxed{") : i].strip()
+            depth -= 1
+    return None
+
+
+@register_reward("boxed_accuracy")
+def boxed_accuracy_reward(completions: list[str], answer: list, options: list | None = None,
+                          question_type: list | None = None, **kwargs) -> list[float | None]:
+    """1.0 where the last ``\\boxed{}`` content (else the whole completion) is judged right (Monet's accuracy)."""
+    answers = [c if (boxed := last_boxed(c)) is None else boxed for c in completions]
+    return accuracy_reward(answers, answer, options, question_type)
+
+
+_BOXED = re.compile(r"\\boxed\{.*?\}", re.DOTALL)
+
+
+@register_reward("boxed_format")
+def boxed_format_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion holds a ``\\boxed{...}`` (Monet's format reward)."""
+    return [float(bool(_BOXED.search(re.sub(r"\s*(<|>|/)\s*", r"\1", c)))) for c in completions]
+
+
+@register_reward("length_penalty")
+def length_penalty_reward(completions: list[str], generations: list, meta: list, **kwargs) -> list[float | None]:
+    """``-(steps - reference)`` where the generated steps exceed ``meta.reference_length``, else 0 (Monet's length
+    penalty, weighted 0.001 there); ``None`` where the record gives no positive reference length."""
+    out = []
+    for g, m in zip(generations, meta):
+        reference = (m or {}).get("reference_length")
+        out.append(None if not reference or reference <= 0 else -float(max(g.num_steps - reference, 0)))
+    return out
 
 
 def score_completions(funcs: list[RewardFunc], names: list[str], completions: list[str],
