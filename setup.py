@@ -46,6 +46,7 @@ setup(
         "all": ["deepspeed>=0.16,<0.20", "gradio>=6.0,<7"],
         "tensorboard": ["tensorboard>=2.14,<3"],
         "wandb": ["wandb>=0.16,<1"],
+        "lmms": ["lmms-eval>=0.7.3,<0.8"],
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "playwright>=1.40,<2"],
     },
     entry_points={"console_scripts": ["vlatent=vlatent.cli:main"]},

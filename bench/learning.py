@@ -575,7 +575,8 @@ def main() -> int:
     from vlatent.testing import build_tiny_base, pretrained_base
 
     t0 = time.time()
-    budget, root, report = dict(BUDGETS[args.budget]), Path(args.out), Path(args.report)
+    # absolute: a job's stage recipes live in its folder, and a recipe's relative paths resolve against the recipe file
+    budget, root, report = dict(BUDGETS[args.budget]), Path(args.out).resolve(), Path(args.report)
     budget.update({k: v for k, v in (("examples", args.examples), ("n", args.n)) if v})
     budget["backbone"] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.backbone)}
     if budget["backbone"] and args.base != "random":

@@ -478,7 +478,7 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[LatentVLM, str, P
     from vlatent.cli import main as vlatent_main
 
     print(f"No trained model at {DEFAULT_MODEL}: training the quick start's Mirage model into {cached.parent} "
-          "(once, about 15 minutes on a laptop CPU)", flush=True)
+          "(once, about 12 minutes on 2 CPU cores)", flush=True)
     if vlatent_main(["quickstart", "--out", str(cached.parent)]):
         raise RuntimeError(f"the quick start failed, so there is no trained model to show: see {cached.parent}")
     return LatentVLM.from_pretrained(cached).eval(), f"Model: `{cached}` (the quick start's Mirage, trained on first " \
@@ -527,6 +527,13 @@ def load_examples(data: str | os.PathLike | None = None, split: str = "test", li
     return examples, f"Examples: `{root}` ({split} split)."
 
 
+def port(text: str) -> int:
+    """A TCP port number, checked before the model loads."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlatent demo", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default=None,
@@ -537,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                              "exists, else a small set of the quick start's task)")
     parser.add_argument("--decoder", default=None, help="decoder folder (default: the checkpoint's decoder/)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes the demo)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port, default=7860, help="TCP port, 1 to 65535 (default: 7860)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
