@@ -147,10 +147,14 @@ def test_deepspeed_zero3_two_processes_with_a_text_only_rank(tmp_path, tiny_base
     with open(data, "a") as f:
         f.write(json.dumps(text_only) + "\n")
     cfg = recipe(tmp_path, model=str(tiny_base), method="mirage", method_config={"stage": stage},
-                 data={"train": str(data)}, deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"),
+                 data={"train": str(data), "eval": str(data)},  # evaluation during training under ZeRO-3 too
+                 deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"),
                  training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 1, "max_steps": 3,
-                           "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True})
+                           "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True,
+                           "eval_strategy": "steps", "eval_steps": 3, "per_device_eval_batch_size": 1})
     finish(launch(cfg, 2))
+    evals = [e for e in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [3] and evals[0]["eval_loss"] > 0, evals
     model = LatentVLM.from_pretrained(tmp_path / "out")
     base = LatentVLM.from_pretrained(tiny_base, method="mirage")
     w, w0 = model.backbone.model.lm_head.weight, base.backbone.model.lm_head.weight

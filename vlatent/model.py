@@ -57,6 +57,7 @@ class LatentVLM(nn.Module):
         self.backbone = backbone
         self.method = method
         self.processor = processor
+        self.lockstep = False  # set while every rank runs the same forwards outside training (the Trainer's eval)
 
     # -- loading and saving ---------------------------------------------------------------------------
     @classmethod
@@ -173,9 +174,11 @@ class LatentVLM(nn.Module):
     # building blocks the methods compose -----------------------------------------------------------------
     @property
     def uniform_compute(self) -> bool:
-        """True when training on several ranks: every rank must then run the same modules the same number of
-        times per step (ZeRO-3 gathers parameters module by module), whatever its batch holds."""
-        return self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        """True when training (or evaluating in lockstep) on several ranks: every rank must then run the same modules
+        the same number of times per step (ZeRO-3 gathers parameters module by module), whatever its batch holds.
+        Sharded inference (`vlatent eval` under torchrun) runs each rank alone and is not in lockstep."""
+        return ((self.training or self.lockstep) and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
 
     def max_over_ranks(self, n: int) -> int:
         """``n`` agreed across ranks (its maximum) when ``uniform_compute``, else ``n``."""

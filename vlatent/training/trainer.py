@@ -121,8 +121,13 @@ class LatentTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The eval loss of a batch (``eval_loss``); a LatentVLM takes the collated batch whole and has no logits to
         compare, so evaluation during training is the loss on ``data.eval``."""
-        with torch.no_grad():
-            loss = model(self._prepare_inputs(inputs)).loss
+        latent_vlm = self.accelerator.unwrap_model(model)
+        latent_vlm.lockstep = True  # every rank evaluates the same number of batches: keep ZeRO-3's gathers aligned
+        try:
+            with torch.no_grad():
+                loss = model(self._prepare_inputs(inputs)).loss
+        finally:
+            latent_vlm.lockstep = False
         return loss.detach(), None, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
