@@ -360,6 +360,12 @@ def reused(done: list[dict]) -> str:
     return f"reusing {n} of {len(done)} finished jobs" if n else "every job run afresh"
 
 
+def figure_name(report: Path, what: str) -> str:
+    """A report's figure file, named after it so that reports in one folder keep their own (LEARNING.md:
+    learning_curves.png, LEARNING_medium.md: learning_medium_curves.png)."""
+    return f"{report.stem.lower()}_{what}.png"
+
+
 def write_report(path: Path, results: list[dict], trials: dict, args, budget: dict, chances: dict,
                  sketches: dict | None, wall_s: float, reuse: str) -> None:
     ok = [r for r in results if "error" not in r]
@@ -461,7 +467,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
     if failed:
         lines += ["", "## Failed jobs", ""] + [f"- {r['name']} / {r['task']} / seed {r['seed']}: {r['error']}"
                                                for r in failed]
-    lines += ["", "![learning curves](learning_curves.png)", ""]
+    lines += ["", f"![learning curves]({figure_name(path, 'curves')})", ""]
     old = path.read_text() if path.is_file() else ""
     notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else ""
     path.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
@@ -644,7 +650,7 @@ def main() -> int:
                          "figure": figure, "data": str(data[key[1]]), "model": best["stages"][-1],
                          **eval_settings(arms[key[0]], key[1]), "cost": 100,
                          "out": str(Path(best["stages"][-1]).parent / "sketches"),
-                         "figure_out": str(report.parent / "learning_sketches.png")})
+                         "figure_out": str(report.parent / figure_name(report, "sketches"))})
         return more
 
     first = [job(name, t, args.seeds[0], lr) for name, t in pairs for lr in grid[name]]
@@ -664,7 +670,7 @@ def main() -> int:
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
     write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
                  time.time() - t0, reused(done))
-    plot_curves(report.parent / "learning_curves.png", results)
+    plot_curves(report.parent / figure_name(report, "curves"), results)
     print(f"report: {report}")
     return 0
 

@@ -81,9 +81,9 @@ def test_one_arm_end_to_end(tmp_path):
     arms.mkdir()
     (arms / "sketchpad.yaml").write_text(yaml.safe_dump(arm))
     cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms-dir", str(arms), "--tasks", "maze",
-           "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", str(tmp_path / "runs"),
+           "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", "runs",  # relative to cwd
            "--report", str(tmp_path / "LEARNING.md")]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
     runs = tmp_path / "runs/runs/sketchpad/maze"
     trials = [json.loads((runs / f"seed0/lr{lr:g}/result.json").read_text()) for lr in arm["learning_rates"]]
     assert all("accuracy" not in t for t in trials)  # tuning never sees test
@@ -107,12 +107,12 @@ def test_one_arm_end_to_end(tmp_path):
 
     # a rerun reuses every finished job; a changed arm reruns the jobs it touches
     stamp = (runs / "seed1" / f"lr{chosen:g}" / "result.json").stat().st_mtime
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
     assert (runs / "seed1" / f"lr{chosen:g}" / "result.json").stat().st_mtime == stamp
     arm["eval"]["max_new_tokens"] = {"default": 40, "maze": 30}
     (arms / "sketchpad.yaml").write_text(yaml.safe_dump(arm))
     before = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
     for seed in ("seed0", "seed1"):  # seed 1: at whichever rate val picks now
         newest = max((runs / seed).glob("lr*/result.json"), key=lambda p: p.stat().st_mtime)
         assert newest.stat().st_mtime > before
