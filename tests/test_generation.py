@@ -22,7 +22,7 @@ def assert_same(a, b, atol=1e-5):
     assert a.finish_reason == b.finish_reason and a.num_steps == b.num_steps
 
 
-@pytest.mark.parametrize("latent_steps", ["fixed", "auto"])
+@pytest.mark.parametrize("latent_steps", ["fixed", "auto", "model"])
 def test_cache_matches_recompute(switching_model, latent_steps):
     kw = dict(max_new_tokens=30, prefix=PREFIXES, latent_steps=latent_steps)
     cached = switching_model.generate(IMAGES, PROMPTS, use_cache=True, **kw)
@@ -32,7 +32,7 @@ def test_cache_matches_recompute(switching_model, latent_steps):
         assert_same(a, b)
 
 
-@pytest.mark.parametrize("latent_steps", ["fixed", "auto"])
+@pytest.mark.parametrize("latent_steps", ["fixed", "auto", "model"])
 def test_batch_with_rows_switching_modes_matches_rows_alone(switching_model, latent_steps):
     batch = switching_model.generate(IMAGES, PROMPTS, max_new_tokens=30, prefix=PREFIXES, latent_steps=latent_steps)
     # rows enter latent mode after different numbers of text steps

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .methods.base import LatentContext
+from .methods.base import LATENT_STEPS, LatentContext
 
 LATENT_MARKER = "[latent x{k}]"
 
@@ -130,15 +130,19 @@ def _pick(logits, do_sample, temperature, top_p, generator):
 
 @torch.no_grad()
 def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, use_cache: bool = True, latent_steps: str = "fixed", prefix=None,
+             top_p: float = 1.0, use_cache: bool = True, latent_steps: str | None = None, prefix=None,
              generator: torch.Generator | None = None, on_segment=None, on_token=None, latent_hook=None,
              allow_latents: bool = True, latent_sigma: float = 0.0, synced: bool = False) -> list[Generation]:
     """Generate one ``Generation`` per prompt.
 
-    ``images``: one entry per prompt (``None``, a PIL image / path, or a list of them). ``latent_steps="fixed"``
-    runs exactly K latent steps per segment, as trained; ``"auto"`` ends a segment when the LM head prefers the
-    end token (at least one step, at most 2K). ``prefix`` starts the assistant turn with given text; ending it
-    with the latent start token makes that row begin in latent mode.
+    ``images``: one entry per prompt (``None``, a PIL image / path, or a list of them). ``latent_steps``: how a latent
+    segment ends (``None``: the method's ``config.latent_steps``, ``"fixed"`` unless a recipe or checkpoint sets it).
+    ``"fixed"`` runs exactly K latent steps per segment, as trained; ``"auto"`` ends a segment when the LM head's argmax
+    is the end token (at least one step, at most 2K); ``"model"`` is the released decoders' rule: at every latent step
+    the head picks a token from its whole vocabulary as it would a text token (greedy or sampled), the end token ends
+    the segment (also before the first latent), anything else is replaced by a latent, and after
+    ``config.max_latent_steps`` latents (Mirage 8, Monet 10) the end token is forced. ``prefix`` starts the assistant
+    turn with given text; ending it with the latent start token makes that row begin in latent mode.
 
     ``on_segment(row, segment)`` is called as each segment completes and ``on_token(row, token_id)`` for each text
     token as it is sampled, before its segment completes (streaming; see ``GenerationStream``).
@@ -151,8 +155,10 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
     with several processes, as HF's ``synced_gpus``): every process runs the same modules the same number of times
     (the parameters are gathered per forward), so a process whose rows are done keeps stepping until all are.
     """
-    if latent_steps not in ("fixed", "auto"):
-        raise ValueError(f"latent_steps must be 'fixed' or 'auto', got {latent_steps!r}")
+    cfg = model.method.config
+    latent_steps = cfg.latent_steps if latent_steps is None else latent_steps
+    if latent_steps not in LATENT_STEPS:
+        raise ValueError(f"latent_steps must be one of {', '.join(map(repr, LATENT_STEPS))}, got {latent_steps!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
@@ -162,11 +168,11 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
     images, prompts, prefixes = normalize_inputs(images, prompts, prefix)
 
     backbone, method, tok = model.backbone, model.method, model.tokenizer
-    cfg = method.config
     uses_latents = method.uses_latents
     if not uses_latents and any(cfg.latent_start_token in p for p in prefixes):
         raise ValueError(f"method {method.name!r} has no latent tokens; prefix cannot start a latent segment")
     k = cfg.num_latent_tokens
+    cap = cfg.latent_cap if latent_steps == "model" else None  # "model": the most latents in a segment
     start_id, end_id, pad_latent_id = cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id
     stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(backbone.chat_format.turn_end),
                             tok.get_vocab().get("<|endoftext|>")) if i is not None}
@@ -217,12 +223,17 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
         logits = backbone.logits(h).float()  # (n, vocab)
         if latent_steps == "fixed":
             end_now = latent_mode & (n_latent >= k)
-        else:
+        elif latent_steps == "auto":
             end_now = latent_mode & ((n_latent >= 2 * k) | ((n_latent >= 1) & (logits.argmax(-1) == end_id)))
+        whole = logits.clone() if latent_steps == "model" else None  # latent rows pick over the whole vocabulary
         if banned:
             logits[:, banned] = float("-inf")
         logits = method.constrain_logits(logits, state)
+        if whole is not None:
+            logits = torch.where(latent_mode[:, None], whole, logits)
         tokens = _pick(logits, do_sample, temperature, top_p, generator)  # (n,)
+        if latent_steps == "model":  # the picked end token, or the cap
+            end_now = latent_mode & ((tokens == end_id) | (n_latent >= cap))
         if uses_latents:
             tokens = torch.where(end_now, end_id, tokens)
         tokens = torch.where(done, tok.pad_token_id, tokens)

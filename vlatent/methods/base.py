@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from ..model import LatentVLM
 
 
+LATENT_STEPS = ("fixed", "auto", "model")  # how a latent segment ends at inference (``MethodConfig.latent_steps``)
+
+
 @dataclass
 class LatentTokens:
     """The three strings that delimit a latent segment: ``start pad*K end``."""
@@ -55,6 +58,23 @@ class MethodConfig:
     latent_pad_id: int | None = None
     latent_end_id: int | None = None
     stage: int = 1
+    # how a latent segment ends at inference (``generate``'s default; see ``LATENT_STEPS``): "fixed" exactly K latents,
+    # "auto" the LM head's argmax end token (at least 1, at most 2K), "model" the head's sampled / argmax end token
+    # from the first step on, at most ``max_latent_steps`` latents (as Mirage's and Monet's releases decode)
+    latent_steps: str = "fixed"
+    max_latent_steps: int | None = None  # "model": the most latents in a segment (None: 2K)
+
+    def __post_init__(self):
+        if self.latent_steps not in LATENT_STEPS:
+            raise ValueError(f"latent_steps must be one of {', '.join(LATENT_STEPS)}, got {self.latent_steps!r}")
+        if self.max_latent_steps is not None and not (isinstance(self.max_latent_steps, int)
+                                                      and self.max_latent_steps >= 1):
+            raise ValueError(f"max_latent_steps must be a positive integer or null, got {self.max_latent_steps!r}")
+
+    @property
+    def latent_cap(self) -> int:
+        """The most latents a segment holds under ``latent_steps="model"``."""
+        return self.max_latent_steps if self.max_latent_steps is not None else 2 * self.num_latent_tokens
 
     @property
     def latent_tokens(self) -> LatentTokens:

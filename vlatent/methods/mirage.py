@@ -33,6 +33,10 @@ from .base import LatentMethod, MethodConfig, register_method
 class MirageConfig(MethodConfig):
     ce_weight: float = 0.1  # stage 1 text CE weight (paper: 0.1); stage 2 trains CE at weight 1
     alignment_weight: float = 1.0
+    # ``latent_steps: model`` decodes as released: a segment ends at the picked <|latent_end|> or after
+    # MAX_LATENT_LEN = 8 latents (UMass-Embodied-AGI/Mirage@53f26de transformers/src/transformers/generation/
+    # utils.py:3295, 3380-3396). The default stays "fixed": see docs/fidelity.md (inference).
+    max_latent_steps: int | None = 8
 
 
 def pool_to_k(features: torch.Tensor, k: int) -> torch.Tensor:

@@ -84,6 +84,10 @@ class MonetConfig(MethodConfig):
     alignment_weight: float = 2.0  # stages 2 and 3
     latent_only_backprop: bool = True  # stage 2: the alignment reaches the parameters only through the latents
     teacher: str | None = None  # stage 2: the stage-1 checkpoint; stage 3: the stage-2 checkpoint
+    # ``latent_steps: model`` decodes as released: a segment ends at the sampled </abs_vis_token> or after
+    # LATENT_SIZE = 10 latents (NOVAglow646/Monet@0893999 inference/vllm/monet_gpu_model_runner.py:1657,
+    # inference/example.sh). The default stays "fixed": see docs/fidelity.md (inference).
+    max_latent_steps: int | None = 10
 
 
 def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
