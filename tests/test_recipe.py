@@ -128,3 +128,20 @@ def test_attention_and_dtype_come_from_the_recipe(tmp_path, tiny_base, attn, dty
     model, _ = load_model(load_recipe(cfg), rank=0)
     assert model.backbone.model.config._attn_implementation == attn
     assert model.dtype == getattr(torch, dtype)
+
+
+def test_report_to_names_a_known_installed_logger_before_anything_loads(tmp_path):
+    """A misspelt logger gets the nearest name; one that is not installed names the extra to install (the Trainer
+    would fail only when it builds its callbacks, after the model has loaded); "none" and "all" pass."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    cfg = write(tmp_path, yaml.safe_dump(GOOD))
+    with pytest.raises(ValueError, match="did you mean 'tensorboard' for 'tensorbord'"):
+        load_recipe(cfg, ["training.report_to=tensorbord"])
+    missing = [n for n in ("tensorboard", "wandb") if n not in get_available_reporting_integrations()]
+    for name in missing:
+        with pytest.raises(ValueError, match=rf"report_to names '{name}', which is not installed: pip install "
+                                             rf"'vlatent\[{name}\]'"):
+            load_recipe(cfg, [f"training.report_to=[none, {name}]"])
+    for ok in ("none", "all", "[]"):
+        load_recipe(cfg, [f"training.report_to={ok}"])

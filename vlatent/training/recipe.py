@@ -192,6 +192,7 @@ def _validate(r: Recipe, where: str) -> None:
     r.training = check_types(f"recipe {where} training", r.training, TrainingArguments)
     if "output_dir" not in r.training:
         raise ValueError(f"recipe {where}: training.output_dir is required")
+    _check_report_to(r.training.get("report_to"), where)
     tree = {"data": r.data.__dict__, "method_config": r.method_config, "training": r.training}
     for key, (ok, what) in RANGES.items():
         value = _get(tree, key)
@@ -203,6 +204,22 @@ def _validate(r: Recipe, where: str) -> None:
         raise ValueError(f"recipe {where}: dtype must be bfloat16, float16 or float32, got {r.dtype!r}")
     if r.deepspeed is not None:
         load_deepspeed_config(r.deepspeed)
+
+
+def _check_report_to(report_to, where: str) -> None:
+    """Each logger ``training.report_to`` names is one the Trainer knows and is installed (the Trainer itself
+    only fails when it builds its callbacks, after the model has loaded)."""
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in (n for n in names if n not in ("all", "none")):
+        if name not in INTEGRATION_TO_CALLBACK:
+            check_keys(f"recipe {where} training.report_to", {name: None}, INTEGRATION_TO_CALLBACK)
+        if name not in get_available_reporting_integrations():
+            extra = f"'vlatent[{name}]'" if name in ("tensorboard", "wandb") else name
+            raise ValueError(f"recipe {where}: training.report_to names {name!r}, which is not installed: "
+                             f"pip install {extra}")
 
 
 def load_deepspeed_config(path: str | Path) -> dict:
