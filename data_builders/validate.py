@@ -1,9 +1,9 @@
 """Check a built dataset with vlatent's own loader and print a summary of every split.
 
-    vlatent build-data validate data/maze
+    vlatent build-data validate data/maze [--allow-outside PATH]
 
 Each split must pass ``vlatent.data.load_records`` (the error names the record and the field) and match the counts in
-``dataset_info.json``.
+``dataset_info.json``; images must lie in the dataset folder unless ``--allow-outside`` names theirs.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def validate(args) -> None:
     total = 0
     for split in splits:
         try:
-            records = load_records(folder, split=split)
+            records = load_records(folder, split=split, allow_outside=args.allow_outside)
         except RecordError as e:
             raise common.BuildError(str(e)) from None
         if info and info["counts"].get(split) != len(records):
@@ -57,6 +57,9 @@ def validate(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = common.tool_parser("validate", __doc__)
     p.add_argument("dir", type=common.existing_dir, help="the dataset folder")
+    p.add_argument("--allow-outside", type=common.existing_dir, action="append", default=[], metavar="PATH",
+                   help="let records read images from this folder too (repeatable); by default a record's images "
+                        "must lie in the dataset folder")
     return common.run(p, validate, argv)
 
 

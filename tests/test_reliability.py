@@ -369,3 +369,29 @@ def test_evaluation_during_training_reports_eval_loss_and_loads_the_best_checkpo
     final, kept, other = weights(out), weights(out / f"checkpoint-{best}"), weights(out / f"checkpoint-{6 - best}")
     assert all(torch.equal(final[k], kept[k]) for k in final)
     assert any(not torch.equal(final[k], other[k]) for k in final)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation, validation, the demo and the quick start: confined images, arguments checked before the model loads
+
+
+def outside_images(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """(data folder, a private folder beside it, image paths leading there: `../`, absolute, a symlink)."""
+    outside, data = tmp_path / "private", tmp_path / "data"
+    outside.mkdir()
+    data.mkdir()
+    Image.new("RGB", (28, 28), "red").save(outside / "secret.png")
+    (data / "link.png").symlink_to(outside / "secret.png")
+    return data, outside, ["../private/secret.png", str(outside / "secret.png"), "link.png"]
+
+
+def test_validate_reads_images_outside_the_dataset_only_with_allow_outside(tmp_path, capsys):
+    """`build-data validate` named --allow-outside in its error but did not take it."""
+    data, outside, paths = outside_images(tmp_path)
+    for image in paths:
+        one_record(data, image)
+        assert build_data(["validate", str(data)]) == 2
+        err = capsys.readouterr().err
+        assert "record 'r1'" in err and "images[0]" in err and "lies outside the dataset folder" in err, err
+        assert build_data(["validate", str(data), "--allow-outside", str(outside)]) == 0
+        assert "ok: 1 records in 1 split(s)" in capsys.readouterr().out
