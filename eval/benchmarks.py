@@ -11,7 +11,8 @@ inline as ``Options: A: ..., B: ...``), ``image, answer, category, l2_category``
 base64 text or the text of a list of them, or the index of the row whose image it shares), told apart by its
 columns; both give the same examples. An image cell may hold a path (relative to its file), base64 text, bytes, an
 HF ``{"bytes", "path"}`` cell or a PIL image. The synthetic tasks read a ``data_builders`` folder
-(``{split}.jsonl``).
+(``{split}.jsonl``). An image path must lie in its file's folder (a hub table's: the ``datasets`` cache), symlinks
+resolved, unless ``--allow-outside`` names the folder it leads to.
 
 Prompts (``--prompt``):
 
@@ -41,13 +42,14 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow.parquet as pq
 from PIL import Image
 
 from vlatent import generation
 from vlatent.data import RecordError, load_records
+from vlatent.data.records import confined
 from vlatent.scoring import mmmu, mmmu_scores, mmstar, mmstar_scores, parse
 
 PROMPTS = ("official", "vlmevalkit")
@@ -133,7 +135,7 @@ def open_image(source, where: str) -> Image.Image:
             image = source
         elif isinstance(source, (bytes, bytearray)):
             image = Image.open(io.BytesIO(source))
-        elif isinstance(source, str) and _is_file(source):
+        elif isinstance(source, str) and Path(source).is_absolute() and _is_file(source):  # made so by _sources
             image = Image.open(source)
         elif isinstance(source, str):
             image = Image.open(io.BytesIO(_base64(source, where)))
@@ -167,9 +169,11 @@ def _base64(text: str, where: str) -> bytes:
 # Loading
 
 
-def load_examples(bench: Benchmark, data: str | None, split: str, prompt: str = "official") -> list[Example]:
+def load_examples(bench: Benchmark, data: str | None, split: str, prompt: str = "official",
+                  allow_outside: Iterable[str | Path] = ()) -> list[Example]:
     """The examples of ``bench`` in dataset order (MMMU: subjects in the official order). Missing files or columns,
-    duplicate ids -> ``EvalError``; a bad row (options that do not parse, no answer) -> an example with ``error``."""
+    duplicate ids, image paths outside the data's folder and ``allow_outside`` -> ``EvalError``; a bad row (options
+    that do not parse, no answer) -> an example with ``error``."""
     if split not in bench.splits:
         raise EvalError(f"{bench.name} has no split {split!r}; choose from {', '.join(bench.splits)}")
     if prompt not in PROMPTS:
@@ -178,14 +182,15 @@ def load_examples(bench: Benchmark, data: str | None, split: str, prompt: str = 
     if data is None:
         raise EvalError(f"{bench.name} needs --data: a folder written by `vlatent build-data {bench.name}`")
     if bench.kind == "mmmu":
-        examples = [ex for table in _tables(bench, data, split, list(mmmu.SUBJECTS.values()))
+        examples = [ex for table in _tables(bench, data, split, list(mmmu.SUBJECTS.values()), allow_outside)
                     for ex in _mmmu_examples(table, split, prompt)]
         order = {subject: i for i, subject in enumerate(mmmu.SUBJECTS.values())}
         examples.sort(key=lambda ex: order[ex.info["subject"]])  # stable: file order within a subject
     elif bench.kind == "mmstar":
-        examples = [ex for table in _tables(bench, data, split, [None]) for ex in _mmstar_examples(table, prompt)]
+        examples = [ex for table in _tables(bench, data, split, [None], allow_outside)
+                    for ex in _mmstar_examples(table, prompt)]
     else:
-        examples = _synthetic_examples(bench.name, data, split)
+        examples = _synthetic_examples(bench.name, data, split, allow_outside)
     if not examples:
         raise EvalError(f"{data}: no {bench.name} examples in the {split!r} split")
     seen = set()
@@ -199,13 +204,14 @@ def load_examples(bench: Benchmark, data: str | None, split: str, prompt: str = 
 @dataclass
 class Table:
     """The rows of one data file or hub config. ``group``: its folder or config name (an MMMU subject, where the hub
-    layout names one); ``root``: the folder relative image paths are read from."""
+    layout names one); ``root``: the folder image paths are read from and must lie in, or in an ``allow_outside``."""
 
     where: str
     columns: list[str]
     rows: list[dict]
     group: str | None
-    root: Path | None
+    root: Path
+    allow_outside: tuple = ()
 
     def vlmevalkit(self) -> bool:
         """VLMEvalKit's TSV layout (options in columns ``A``, ``B``, ...), whatever the file type."""
@@ -219,18 +225,20 @@ class Table:
                             f"({', '.join(required)}, ...)")
 
 
-def _tables(bench: Benchmark, data: str, split: str, configs: list) -> Iterator[Table]:
+def _tables(bench: Benchmark, data: str, split: str, configs: list, allow_outside: Iterable) -> Iterator[Table]:
     """The tables of ``--data``: one file, a folder of the hub's parquet files, or a hub id."""
     path = Path(data).expanduser()
     if path.is_file():
-        yield _read_file(path)
+        tables = [_read_file(path)]
     elif path.is_dir():
-        for file in _parquet_files(path, split):
-            yield _read_file(file)
+        tables = map(_read_file, _parquet_files(path, split))
     elif re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(data)) and path.suffix.lower() not in FILE_TYPES:
-        yield from _hub_tables(bench, str(data), split, configs)
+        tables = _hub_tables(bench, str(data), split, configs)
     else:
         raise EvalError(f"--data {data!r}: no such file or folder (nor a hub id, org/name)")
+    for table in tables:
+        table.allow_outside = tuple(allow_outside)
+        yield table
 
 
 def _read_file(file: Path) -> Table:
@@ -291,13 +299,14 @@ def _hub_tables(bench: Benchmark, data: str, split: str, configs: list) -> Itera
         for column in ds.column_names:  # undecoded cells, as in the parquet files
             if isinstance(ds.features[column], datasets.Image):
                 ds = ds.cast_column(column, datasets.Image(decode=False))
-        yield Table(f"{data} ({config or 'default'})", ds.column_names, list(ds), config, None)
+        yield Table(f"{data} ({config or 'default'})", ds.column_names, list(ds), config,
+                    Path(datasets.config.HF_DATASETS_CACHE))
 
 
-def _sources(value, root: Path | None) -> list:
-    """The image sources of one cell: nothing, a path (made absolute when it names a file below ``root``), base64 text,
-    bytes, an HF ``{"bytes", "path"}`` cell or a PIL image, or a list of these (VLMEvalKit writes several images as
-    the text of a Python list)."""
+def _sources(value, table: Table, where: str) -> list:
+    """The image sources of the cell ``where`` (``row 3: image_1``): nothing, a path (made absolute; refused outside
+    the table's folder), base64 text, bytes, an HF ``{"bytes", "path"}`` cell or a PIL image, or a list of these
+    (VLMEvalKit writes several images as the text of a Python list)."""
     if isinstance(value, dict) and not value.get("bytes"):
         value = value.get("path")
     if value is None or value == "":
@@ -308,9 +317,12 @@ def _sources(value, root: Path | None) -> list:
         except (ValueError, SyntaxError):
             pass  # not a list after all: one source, which fails to decode with its text in the error
     if isinstance(value, (list, tuple)):
-        return [source for item in value for source in _sources(item, root)]
-    if isinstance(value, str) and root is not None and not Path(value).is_absolute() and _is_file(str(root / value)):
-        return [str(root / value)]
+        return [source for item in value for source in _sources(item, table, where)]
+    if isinstance(value, str) and _is_file(str(table.root / value)):  # root / an absolute path is that path
+        if not confined(table.root / value, table.root, table.allow_outside):
+            raise EvalError(f"{table.where} {where}: {value!r} lies outside the data folder "
+                            f"{str(table.root)!r} (pass --allow-outside FOLDER to read images from another folder)")
+        return [str(table.root / value)]
     return [value]
 
 
@@ -319,11 +331,11 @@ def _tsv_images(table: Table) -> list[list]:
     whose image it shares (VLMEvalKit's ``ImageBaseDataset.__init__``)."""
     by_index = {str(row["index"]): row.get("image") for row in table.rows}
     images = []
-    for row in table.rows:
+    for i, row in enumerate(table.rows):
         value = row.get("image")
         if isinstance(value, str) and 0 < len(value) <= 64 and by_index.get(value) not in (None, value):
             value = by_index[value]
-        images.append(_sources(value, table.root))
+        images.append(_sources(value, table, f"row {i}: image"))
     return images
 
 
@@ -378,8 +390,8 @@ def _mmmu_examples(table: Table, split: str, style: str) -> list[Example]:
     every split, ``split`` says which)."""
     if not table.vlmevalkit():
         table.require(MMMU_COLUMNS)
-        return [_mmmu_example(row, [s for c in MMMU_IMAGES for s in _sources(row.get(c), table.root)], table.group,
-                              f"{table.where} row {i}", style) for i, row in enumerate(table.rows)]
+        return [_mmmu_example(row, [s for c in MMMU_IMAGES for s in _sources(row.get(c), table, f"row {i}: {c}")],
+                              table.group, f"{table.where} row {i}", style) for i, row in enumerate(table.rows)]
     table.require(MMMU_TSV_COLUMNS)
     images, examples = _tsv_images(table), []
     for i in _tsv_split(table, split):
@@ -453,7 +465,8 @@ def _mmstar_examples(table: Table, style: str) -> list[Example]:
     if not table.vlmevalkit():
         table.require(MMSTAR_COLUMNS)
         return [_mmstar_example(row, row["question"], mmstar_options(row["question"]),
-                                _sources(row["image"], table.root), row["l2_category"], style) for row in table.rows]
+                                _sources(row["image"], table, f"row {i}: image"), row["l2_category"], style)
+                for i, row in enumerate(table.rows)]
     table.require(MMSTAR_TSV_COLUMNS)
     examples = []
     for row, images in zip(table.rows, _tsv_images(table)):
@@ -477,12 +490,12 @@ def _mmstar_example(row: dict, question: str, parsed: tuple | None, images: list
                    "multiple-choice", info)
 
 
-def _synthetic_examples(task: str, data: str, split: str) -> list[Example]:
+def _synthetic_examples(task: str, data: str, split: str, allow_outside: Iterable) -> list[Example]:
     root = Path(data).expanduser()
     if not root.is_dir():
         raise EvalError(f"--data {data!r} is not a folder (expected one written by `vlatent build-data {task}`)")
     try:
-        records = load_records(root, split=split, check_images=False)
+        records = load_records(root, split=split, check_images=False, allow_outside=allow_outside)
     except (RecordError, FileNotFoundError) as e:
         raise EvalError(str(e)) from None
     tasks = sorted({str(r.get("task")) for r in records})

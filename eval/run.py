@@ -41,6 +41,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm import tqdm
@@ -63,15 +64,18 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
              split: str | None = None, batch_size: int = 8, max_new_tokens: int = 256, latent: str = "auto",
              limit: int | None = None, prompt: str = "official", images: str = "on",
              gain_against: str | os.PathLike | None = None, leakage_against: str | os.PathLike | None = None,
-             rank: int | None = None, world_size: int | None = None, progress: bool = True) -> dict:
+             rank: int | None = None, world_size: int | None = None, progress: bool = True,
+             allow_outside: Iterable[str | os.PathLike] = (), examples: list[Example] | None = None) -> dict:
     """Evaluate an already loaded ``model`` on ``bench`` into the folder ``out`` (see the module docstring).
 
     ``data``: hub id or folder (None: the benchmark's hub id; the synthetic tasks need a ``data_builders`` folder).
     ``latent``: ``"auto"`` (the model decides), ``"on"`` (start in latent mode) or ``"off"`` (no latents): see the
     module docstring. ``limit``: the first N examples only. ``images="off"`` withholds the images; ``gain_against`` /
     ``leakage_against`` (MMStar) are output folders of such runs, for the multi-modal gain and leakage. ``rank`` /
-    ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that torchrun sets. Returns the scores on rank 0 (what
-    ``scores.json`` holds) and ``{}`` on the other ranks. Bad input -> ``EvalError``; an example that cannot run
+    ``world_size`` default to the ``RANK`` / ``WORLD_SIZE`` that torchrun sets. ``allow_outside``: folders besides
+    the data's own that its image paths may lead into; ``examples``: ``load_examples`` of ``data``, already read and
+    checked (``main`` reads them before the model loads). Returns the scores on rank 0 (what ``scores.json`` holds)
+    and ``{}`` on the other ranks. Bad input -> ``EvalError``; an example that cannot run
     becomes an error row, never an exception, unless every example this call tried failed: then ``EvalError``.
     """
     bench = get_benchmark(bench)
@@ -85,7 +89,9 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
     baselines = _gain_runs(bench, split, gain_against, leakage_against)
     if batch_size < 1 or max_new_tokens < 1:
         raise EvalError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
-    examples = load_examples(bench, None if data is None else str(data), split, prompt)[:limit]
+    if examples is None:
+        examples = load_examples(bench, None if data is None else str(data), split, prompt, allow_outside)
+    examples = examples[:limit]
     out = Path(out)
     settings = {"model": _where(model.backbone.model.name_or_path), "method": model.method.name,
                 "bench": bench.name, "data": _where(data or bench.hub_id), "split": split, "prompt": prompt,
@@ -139,11 +145,11 @@ def _gain_runs(bench: Benchmark, split: str, gain_against, leakage_against) -> t
         folder = Path(folder)
         if not (folder / "scores.json").is_file() or not (folder / "run.json").is_file():
             raise EvalError(f"{name} {str(folder)!r} is not a finished eval folder (no scores.json / run.json)")
-        settings = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        settings = _read_json(folder / "run.json")
         if settings.get("bench") != bench.name or settings.get("split") != split or settings.get("images") != "off":
             raise EvalError(f"{name} {str(folder)!r} must be a {bench.name} {split} run with --images off; it is "
                             f"{settings.get('bench')} {settings.get('split')} with images {settings.get('images')}")
-        runs.append(json.loads((folder / "scores.json").read_text(encoding="utf-8")))
+        runs.append(_read_json(folder / "scores.json"))
     return tuple(runs)
 
 
@@ -242,10 +248,22 @@ def _claim(out: Path, settings: dict) -> None:
     if not path.is_file():
         _write_json(path, settings)
         return
-    old = json.loads(path.read_text(encoding="utf-8"))
+    old = _read_json(path)
     changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
     if changed:
         raise EvalError(f"{out} holds a run with other settings ({'; '.join(changed)}); choose another --out")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object ``vlatent eval`` wrote (``run.json``, ``scores.json``); one cut short or altered is named."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = f"{type(e).__name__}: {e}"
+    if not isinstance(value, dict):
+        raise EvalError(f"{path} is corrupt, not the JSON object vlatent eval writes ({value}); restore it or use "
+                        "another folder")
+    return value
 
 
 def _write_json(path: Path, value) -> None:
@@ -345,7 +363,11 @@ def parser() -> argparse.ArgumentParser:
                    help="MMMU / MMStar prompt template (default: official)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: as saved in the checkpoint")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--device", type=_device, default=None,
+                   help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--allow-outside", action="append", default=[], metavar="PATH",
+                   help="let image paths in --data lead into this folder too (repeatable); by default they must lie "
+                        "in the data file's folder")
     return p
 
 
@@ -369,6 +391,16 @@ def _per_bench(flag: str, values: list | None, benches: list[str]) -> list:
                     "it once for all of them or once per benchmark, in --bench order")
 
 
+def _device(text: str) -> str:
+    """A device this machine has (an empty tensor is made on it), checked before the model loads."""
+    try:
+        torch.empty(0, device=text)
+    except Exception as e:  # RuntimeError for a bad name or no driver, NotImplementedError, AssertionError, ...
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device of this machine ({type(e).__name__}: "
+                                         f"{(str(e).splitlines() or [''])[0]})") from None
+    return text
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -385,23 +417,39 @@ def main(argv: list[str] | None = None) -> int:
         datas, splits = _per_bench("--data", args.data, benches), _per_bench("--split", args.split, benches)
         if many and (args.gain_against or args.leakage_against):
             raise EvalError("--gain-against / --leakage-against compare one MMStar run: use them with --bench mmstar")
-        model = _load_model(args)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = {}
-    for bench, data, split in zip(benches, datas, splits):
-        out = Path(args.out) / bench if many else Path(args.out)
+    outs = {bench: Path(args.out) / bench if many else Path(args.out) for bench in benches}
+    results, ready = {}, {}
+    for bench, data, split in zip(benches, datas, splits):  # the data and run.json are read before the model loads
+        results[bench] = (split or BENCHMARKS[bench].default_split, None)
+        try:
+            if (outs[bench] / "run.json").is_file():
+                _read_json(outs[bench] / "run.json")
+            ready[bench] = load_examples(BENCHMARKS[bench], data, results[bench][0], args.prompt, args.allow_outside)
+        except EvalError as e:  # with several benchmarks the others still run; the command fails at the end
+            print(f"error: {bench + ': ' if many else ''}{e}", file=sys.stderr)
+            results[bench] = (results[bench][0], str(e))
+    try:
+        model = _load_model(args) if ready else None
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for bench, data in zip(benches, datas):
+        if bench not in ready:
+            continue
+        split, out = results[bench][0], outs[bench]
         try:
             scores = evaluate(model, bench, data, out, split=split, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, latent=args.latent, limit=args.limit,
                               prompt=args.prompt, images=args.images, gain_against=args.gain_against,
-                              leakage_against=args.leakage_against)
-        except EvalError as e:  # with several benchmarks the others still run; the command fails at the end
+                              leakage_against=args.leakage_against, examples=ready[bench])
+        except EvalError as e:
             print(f"error: {bench + ': ' if many else ''}{e}", file=sys.stderr)
-            results[bench] = (split or BENCHMARKS[bench].default_split, str(e))
+            results[bench] = (split, str(e))
             continue
-        results[bench] = (split or BENCHMARKS[bench].default_split, scores)
+        results[bench] = (split, scores)
         if scores:
             print(f"{bench}: {100 * scores['overall']:.2f}% of {scores['num']} ({scores['errors']} errors); "
                   f"{out / 'report.md'}")

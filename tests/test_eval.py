@@ -381,7 +381,8 @@ def test_bad_input_is_a_clear_error(model_dir, mmmu_dir, tmp_path, capsys):
     assert "--data 'no/such/dir'" in bad_run(capsys, model_dir, tmp_path, "--bench", "mmstar", "--data", "no/such/dir")
     assert "no split 'train'" in bad_run(capsys, model_dir, tmp_path, "--bench", "mmmu", "--data", mmmu_dir,
                                          "--split", "train")
-    assert "not a model directory" in bad_run(capsys, tmp_path / "nothing", tmp_path, "--bench", "mmmu")
+    assert "not a model directory" in bad_run(capsys, tmp_path / "nothing", tmp_path, "--bench", "mmmu", "--data",
+                                              mmmu_dir)
 
 
 def test_rerun_with_other_settings_is_refused(model, mmstar_dir, tmp_path):

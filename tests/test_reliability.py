@@ -385,6 +385,46 @@ def outside_images(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     return data, outside, ["../private/secret.png", str(outside / "secret.png"), "link.png"]
 
 
+def test_eval_images_stay_in_the_data_folder_unless_allowed(tmp_path, monkeypatch, capsys):
+    """MMMU `{"path": ...}` cells (parquet), MMStar paths (jsonl) and synthetic records that lead out of the data
+    folder are refused naming the file, row and column, before the model loads; --allow-outside lets the folder in.
+    A name that is not in the data folder is never read from the working folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from eval.benchmarks import BENCHMARKS, EvalError, load_examples
+    from eval.run import main as evaluate_cli
+    from test_eval import MMMU_SCHEMA, mmmu_rows, mmstar_rows
+
+    data, outside, paths = outside_images(tmp_path)
+    mmmu, star = data / "mmmu.parquet", data / "mmstar.jsonl"
+    for image in paths:
+        row = {**mmmu_rows("Art", 1)[0], "image_1": {"bytes": None, "path": image}, "image_2": None}
+        pq.write_table(pa.Table.from_pylist([row], schema=MMMU_SCHEMA), mmmu)
+        star.write_text(json.dumps({**mmstar_rows(1)[0], "image": image}) + "\n")
+        maze = one_record(data, image)
+        maze.write_text(json.dumps({**json.loads(maze.read_text()), "task": "maze", "answer": "red"}) + "\n")
+        for bench, source, split, culprit in (("mmmu", mmmu, "validation", "mmmu.parquet row 0: image_1: "),
+                                              ("mmstar", star, "val", "mmstar.jsonl row 0: image: "),
+                                              ("maze", data, "train", "record 'r1'")):
+            with pytest.raises(EvalError) as e:
+                load_examples(BENCHMARKS[bench], str(source), split)
+            assert culprit in str(e.value) and "lies outside the" in str(e.value), str(e.value)
+            assert "--allow-outside" in str(e.value)
+            allowed = load_examples(BENCHMARKS[bench], str(source), split, allow_outside=[outside])[0]
+            assert [Path(p).resolve() for p in allowed.images] == [(outside / "secret.png").resolve()], allowed.images
+            assert allowed.open_images()[0].getpixel((0, 0)) == (255, 0, 0)
+    assert evaluate_cli(["--model", str(tmp_path / "no-model"), "--bench", "mmstar", "--data", str(star), "--out",
+                         str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "mmstar.jsonl row 0: image: 'link.png' lies outside the data folder" in err, err
+    assert "not a model directory" not in err  # the data was read first
+    monkeypatch.chdir(outside)  # a name that is not in the data folder but is in the working folder
+    star.write_text(json.dumps({**mmstar_rows(1)[0], "image": "secret.png"}) + "\n")
+    with pytest.raises(Exception, match="'secret.png' is neither an existing image file nor base64"):
+        load_examples(BENCHMARKS["mmstar"], str(star), "val")[0].open_images()
+
+
 def test_validate_reads_images_outside_the_dataset_only_with_allow_outside(tmp_path, capsys):
     """`build-data validate` named --allow-outside in its error but did not take it."""
     data, outside, paths = outside_images(tmp_path)
@@ -395,3 +435,32 @@ def test_validate_reads_images_outside_the_dataset_only_with_allow_outside(tmp_p
         assert "record 'r1'" in err and "images[0]" in err and "lies outside the dataset folder" in err, err
         assert build_data(["validate", str(data), "--allow-outside", str(outside)]) == 0
         assert "ok: 1 records in 1 split(s)" in capsys.readouterr().out
+
+
+def test_eval_arguments_data_and_run_json_are_checked_before_the_model_loads(tmp_path, capsys):
+    """`--device banana`, a corrupt run.json being resumed and a --data typo are each one line naming the culprit,
+    with a model path that does not exist: had the model loaded first, the error would name it. The predictions in
+    the folder are left as they were."""
+    from eval.run import main as evaluate_cli
+    from test_eval import mmstar_rows, write_mmstar
+
+    data, out = write_mmstar(tmp_path / "mmstar", mmstar_rows(2)), tmp_path / "out"
+    args = ["--model", str(tmp_path / "no-model"), "--bench", "mmstar", "--out", str(out)]
+
+    def error(*extra) -> str:
+        assert evaluate_cli([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "not a model directory" not in err and len([x for x in err.splitlines() if "error:" in x]) == 1, err
+        return err
+
+    assert "argument --device: 'banana' is not a device of this machine" in error("--data", str(data), "--device",
+                                                                                  "banana")
+    out.mkdir()
+    (out / "run.json").write_text('{"model": ')  # cut short
+    (out / "predictions.jsonl").write_text('{"id": "0", "error": null}\n')
+    assert f"{out / 'run.json'} is corrupt" in error("--data", str(data))
+    (out / "run.json").write_text("[]")
+    assert f"{out / 'run.json'} is corrupt" in error("--data", str(data))
+    assert (out / "predictions.jsonl").read_text() == '{"id": "0", "error": null}\n'
+    assert "--data 'mmstr.parquet': no such file or folder" in error("--data", "mmstr.parquet", "--out",
+                                                                      str(tmp_path / "new"))
