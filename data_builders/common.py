@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -29,6 +30,7 @@ SPLITS = ("train", "val", "test")
 LETTERS = "ABCDEFGH"
 MAX_TRIES = 2000  # draws per example before a synthetic builder gives up on finding a new one
 SHOWN_BAD = 10  # skipped converter records reported one by one; the rest are only counted
+SYNTHETIC_SPLIT = (0.8, 0.1, 0.1)  # the synthetic builders' default --split
 OUTPUTS = ("dataset_info.json", *(f"{s}.jsonl" for s in SPLITS), "images")  # what a build puts in its folder
 
 
@@ -158,7 +160,7 @@ def builder_parser(name: str, doc: str, *, split: str) -> argparse.ArgumentParse
 
 
 def synthetic_parser(name: str, doc: str) -> argparse.ArgumentParser:
-    p = builder_parser(name, doc, split="0.8,0.1,0.1")
+    p = builder_parser(name, doc, split=",".join(map(str, SYNTHETIC_SPLIT)))
     p.add_argument("--n", type=positive_int, default=1000, help="number of examples over all splits")
     return p
 
@@ -291,6 +293,12 @@ def split_counts(n: int, fractions: tuple[float, float, float]) -> dict[str, int
     val = round(n * fractions[1])
     test = min(round(n * fractions[2]), n - val)
     return {"train": n - val - test, "val": val, "test": test}
+
+
+def fewest_examples(fractions: tuple[float, float, float]) -> int:
+    """The smallest ``--n`` that ``split_counts`` gives every split with a non-zero fraction an example of."""
+    return next(n for n in itertools.count(1)
+                if all(count or not f for count, f in zip(split_counts(n, fractions).values(), fractions)))
 
 
 def synthesize(args, name: str, version: int, targets: list, sample: Callable, render: Callable) -> None:

@@ -1,6 +1,7 @@
 """Fault injection and bad input for training: non-finite values stop the run, checkpoints are atomic and verified
 before `--resume` loads anything, a checkpoint of another recipe is refused, `--overwrite` clears the old run's
-checkpoints. Each test names the on-disk state a real fault leaves (see docs/reliability.md)."""
+checkpoints; image paths stay in their folder, and bad evaluation, demo and quick-start arguments are named before a
+model loads. Each test names the on-disk state a real fault leaves (see docs/reliability.md)."""
 
 import json
 import pickle
@@ -464,3 +465,24 @@ def test_eval_arguments_data_and_run_json_are_checked_before_the_model_loads(tmp
     assert (out / "predictions.jsonl").read_text() == '{"id": "0", "error": null}\n'
     assert "--data 'mmstr.parquet': no such file or folder" in error("--data", "mmstr.parquet", "--out",
                                                                       str(tmp_path / "new"))
+
+
+def test_demo_port_and_quickstart_n_are_checked_before_anything_loads(tmp_path, capsys):
+    """`vlatent demo --port 70000` (bind() raised after the model loaded) and `vlatent quickstart --n 3` (the 80/10/10
+    split of 3 has an empty test split, found after training three models): refused by the argument parser."""
+    from demo.app import main as demo
+    from vlatent.cli import main as vlatent_main
+
+    with pytest.raises(SystemExit) as e:
+        demo(["--model", str(tmp_path / "no-model"), "--port", "70000"])
+    assert e.value.code == 2 and "argument --port: expected a TCP port from 1 to 65535, got '70000'" in \
+        capsys.readouterr().err
+    for n in (5, 6):  # the builders' split: 5 examples leave the test split empty, 6 do not
+        assert build_data(["vsp", "--out", str(tmp_path / f"vsp{n}"), "--n", str(n), "--size", "4"]) == 0
+        assert bool((tmp_path / f"vsp{n}" / "test.jsonl").read_text()) == (n == 6)
+    for n in ("3", "5", "-1"):
+        with pytest.raises(SystemExit) as e:
+            vlatent_main(["quickstart", "--n", n, "--out", str(tmp_path / "qs")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument --n: expected at least 6 examples, got '{n}'" in err, err
+        assert "test split empty" in err and not (tmp_path / "qs").exists()

@@ -120,6 +120,17 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _quickstart_n(text: str) -> int:
+    """``quickstart --n``: enough examples that the builders' split leaves no split (the test split above all) empty."""
+    common = _app("data_builders.common")
+    fewest = common.fewest_examples(common.SYNTHETIC_SPLIT)
+    if not text.isdigit() or int(text) < fewest:
+        raise argparse.ArgumentTypeError(f"expected at least {fewest} examples, got {text!r}: the builders' "
+                                         f"{'/'.join(f'{f:.0%}' for f in common.SYNTHETIC_SPLIT)} split of fewer "
+                                         "leaves the test split empty")
+    return int(text)
+
+
 def _majority(path: Path) -> float:
     """Accuracy of always giving the most frequent answer of a split file."""
     from collections import Counter
@@ -204,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--out", default="runs/quickstart", help="where the data, models, evaluations and report go")
     q.add_argument("--task", choices=sorted(QUICKSTART_TASKS), default=QUICKSTART_TASK,
                    help="vsp: frozen-lake safety (Mirage's own task; default), maze: first move in a 4x4 maze")
-    q.add_argument("--n", type=int, default=2000, help="examples to build (80/10/10 split)")
+    q.add_argument("--n", type=_quickstart_n, default=2000, help="examples to build (80/10/10 split; at least 6)")
     q.add_argument("--max-new-tokens", type=int, default=None,
                    help="per answer, latent steps included (default: vsp 192, maze 288; the longest traces with K=4 "
                         "take ~170 and ~285)")
