@@ -21,9 +21,13 @@ hidden state before it (S slots in a row cost S + 1 forwards; backprop through t
          + contrastive_weight * (CLIP(thought, helper image) + CLIP(thought, following text)) / 2
          + diffusion_weight * || eps - UNet(x_t, t | thoughts) ||^2
 
-CLIP is ``open_clip``'s ``ClipLoss`` (symmetric InfoNCE over the segments of the batch, learned temperature) between
-a segment's mean thought and the mean vision-tower embedding of its helper image / the mean token embedding of the
-text that follows the segment (up to the next segment or the turn's end), each through a linear projection. The
+CLIP is symmetric InfoNCE at a learned temperature (as ``open_clip``'s ``ClipLoss``) between a segment's mean thought
+and the mean vision-tower embedding of its helper image / the mean token embedding of the text that follows the segment
+(up to the next segment or the turn's end), each centred, through a linear projection and normalised. Its negatives are
+the other segments of the micro-batch, of every process when training on several (``contrastive_gather``: gathered,
+this process's rows keeping their gradient) and of the last ``contrastive_queue`` segments seen in training (their
+views detached, the newest per record and segment; vlatent's choice, the paper names no queue): with one segment per
+process the loss is no longer 0. A queued view of the anchor's own record and segment is never its negative. The
 reconstruction is a small ``diffusers`` ``UNet2DConditionModel`` with a ``DDPMScheduler`` denoising the helper image
 (``recon_size`` px, pixel space) with the segment's K thoughts as cross-attention context; ``reconstruct`` samples it.
 
@@ -36,14 +40,15 @@ the thought should look like) rather than the input image; gates start at tanh(0
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from open_clip.loss import ClipLoss
 from PIL import Image
 from torch import nn
 from transformers.utils import ModelOutput
@@ -63,6 +68,8 @@ class CocovaConfig(MethodConfig):
     num_iterations: int = 3  # refinement iterations per thought, each re-selecting visual tokens
     num_selected: int = 64  # salient visual tokens kept per iteration
     contrastive_dim: int = 256
+    contrastive_queue: int = 256  # past segments' detached views kept as extra InfoNCE negatives (0: none)
+    contrastive_gather: bool = True  # training on several processes: all processes' segments are negatives
     recon_size: int = 32  # side of the helper image the diffusion decoder reconstructs
     unet_channels: list[int] = field(default_factory=lambda: [64, 128])
     unet_norm_groups: int = 32
@@ -198,7 +205,10 @@ class Cocova(LatentMethod):
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
             cross_attention_dim=c.lq_hidden_size, attention_head_dim=8)
         self.scheduler = DDPMScheduler(num_train_timesteps=c.diffusion_steps)
-        self.clip_loss = ClipLoss()
+        if not isinstance(c.contrastive_queue, int) or c.contrastive_queue < 0:
+            raise ValueError(f"cocova: contrastive_queue must be an integer >= 0, got {c.contrastive_queue!r}")
+        # (n, d + 2H + 1) float64: [thought | visual | text | key] of past segments, newest first; not saved
+        self.queue: torch.Tensor | None = None
 
     # -- data / training --------------------------------------------------------------------------------
     def collator_kwargs(self) -> dict:
@@ -229,18 +239,23 @@ class Cocova(LatentMethod):
                                             next_latent=next_latent)
         hidden = out.last_hidden_state
         losses = {"ce": model.lm_loss(hidden, batch["labels"])}
+        gather = c.contrastive_gather and model.uniform_compute
         if not b.numel():  # no segment in the batch: keep the modules in the graph at weight 0
             zero = sum(p.sum() for p in self.parameters()) * 0.0
+            if gather:  # the other processes' gather needs this one (and their rows join the queue here too)
+                empty = hidden.new_zeros(0, self.hidden_size)
+                self.contrastive_loss(empty.new_zeros(0, c.lq_hidden_size), empty, empty, gather=True)
             return {**losses, "contrastive": zero, "diffusion": zero}
         k = c.num_latent_tokens
         segments = torch.stack([thoughts[key] for key in zip(b.tolist(), t.tolist())])
         segments = segments.view(-1, k, c.lq_hidden_size)  # (S, K, d): slots come segment by segment
-        losses["contrastive"] = self._contrastive(model, batch, segments, b.view(-1, k)[:, 0], t.view(-1, k)[:, -1])
+        losses["contrastive"] = self._contrastive(model, batch, segments, b.view(-1, k)[:, 0], t.view(-1, k)[:, -1],
+                                                  gather=gather)
         losses["diffusion"] = self._diffusion(batch, segments)
         return losses
 
-    def _contrastive(self, model, batch, segments, rows, last_pad):
-        """CLIP(thought, helper image) and CLIP(thought, text after the segment), averaged."""
+    def _contrastive(self, model, batch, segments, rows, last_pad, gather=False):
+        """CLIP(thought, helper image) and CLIP(thought, text after the segment), averaged (``contrastive_loss``)."""
         helpers = model.latent_targets(batch)  # frozen vision tower + projector: one (n_i, H) per segment
         if len(helpers) != segments.shape[0]:
             raise ValueError(f"batch {batch.get('ids')}: {segments.shape[0]} latent segments but {len(helpers)} helper "
@@ -254,13 +269,40 @@ class Cocova(LatentMethod):
             while stop < len(ids) and ids[stop] != self.config.latent_start_id and ids[stop - 1] != turn_end:
                 stop += 1
             text.append(model.backbone.embed_tokens(batch["input_ids"][row, pad + 1:stop]).detach().mean(0))
-        # each side centred over the batch: mean-pooled embeddings share one dominant direction that swamps the rest
-        visual, text, thought = (x - x.mean(0, keepdim=True) for x in (visual, torch.stack(text), segments.mean(1)))
-        thought = F.normalize(self.thought_proj(thought), dim=-1)
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        to_visual = self.clip_loss(thought, F.normalize(self.visual_proj(visual.to(thought.dtype)), dim=-1), scale)
-        to_text = self.clip_loss(thought, F.normalize(self.text_proj(text.to(thought.dtype)), dim=-1), scale)
-        return (to_visual + to_text) / 2
+        return self.contrastive_loss(segments.mean(1), visual, torch.stack(text), segment_keys(batch, rows), gather)
+
+    def contrastive_loss(self, thought, visual, text, keys=None, gather=False):
+        """Symmetric InfoNCE of this process's S segments against the pool: the segments of this step (of every process
+        with ``gather``: others' rows detached) then the queue. thought (S, d), visual / text (S, H): mean-pooled views;
+        ``keys`` (S,): a record-and-segment key per segment (``segment_keys``; None: unknown), so that a queued view of
+        the same segment is no negative. Each view is centred over the pool (mean-pooled embeddings share one dominant
+        direction that swamps the rest), projected and normalised. In training the step's rows then join the queue."""
+        s, d, h = thought.shape[0], thought.shape[1], visual.shape[1]
+        keys = torch.full((s,), float("nan"), dtype=torch.float64, device=thought.device) if keys is None else keys
+        local = torch.cat([thought.double(), visual.double(), text.double(), keys.to(thought.device)[:, None]], 1)
+        step, offset = gather_rows(local) if gather else (local, 0)
+        pool = step if self.queue is None else torch.cat([step, self.queue.to(step)])
+        if self.training and self.config.contrastive_queue:
+            fresh = step.detach()
+            old = pool[step.shape[0]:].detach()
+            old = old[~torch.isin(old[:, -1], fresh[:, -1])]  # the newest view per segment (NaN keys never match)
+            self.queue = torch.cat([fresh, old])[: self.config.contrastive_queue]
+        if s == 0:
+            return None
+        views = pool.split([d, h, h, 1], 1)
+        weight = self.thought_proj.weight
+        thought, visual, text = (F.normalize(proj((x - x.mean(0)).to(weight.dtype)).float(), dim=-1)
+                                 for x, proj in zip(views[:3], (self.thought_proj, self.visual_proj, self.text_proj)))
+        positives = torch.arange(offset, offset + s, device=pool.device)
+        same = views[3][:, 0][None] == keys.to(pool.device)[:, None]  # (S, P): the anchor's own segment
+        same[torch.arange(s, device=pool.device), positives] = False
+        scale = self.logit_scale.clamp(max=math.log(100)).exp().float()
+
+        def info_nce(anchor, other):  # anchors: this process's rows of one view; candidates: all rows of the other
+            logits = (scale * anchor[positives] @ other.T).masked_fill(same, float("-inf"))
+            return F.cross_entropy(logits, positives)
+
+        return sum((info_nce(thought, v) + info_nce(v, thought)) / 2 for v in (visual, text)) / 2
 
     def _diffusion(self, batch, segments):
         """DDPM noise-prediction loss of the UNet reconstructing each segment's helper image from its thoughts."""
@@ -344,3 +386,36 @@ def _segment_starts(input_ids: torch.Tensor, start_id: int) -> torch.Tensor:
     """(batch, seq): position of the latest latent start token at or before each position (-1 before any)."""
     pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     return torch.where(input_ids == start_id, pos, -1).cummax(1).values
+
+
+def segment_keys(batch, rows: torch.Tensor) -> torch.Tensor | None:
+    """(S,) float64: one key per segment (its record id and ordinal in the row, hashed to 48 bits, exact in float64),
+    in segment order; None when the batch has no ids."""
+    ids = batch.get("ids")
+    if ids is None:
+        return None
+    keys, seen = [], {}
+    for row in rows.tolist():
+        j = seen[row] = seen.get(row, -1) + 1
+        digest = hashlib.blake2b(f"{ids[row]}\0{j}".encode(), digest_size=6).digest()
+        keys.append(float(int.from_bytes(digest, "big")))
+    return torch.tensor(keys, dtype=torch.float64, device=rows.device)
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of ``x`` (n_i, D; n_i may differ, also 0), concatenated in rank order, and where this
+    process's rows start. This process's rows keep their gradient; the others' arrive detached."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(v) for v in sizes]
+    if max(sizes) == 0:
+        return x, 0
+    padded = x.new_zeros(max(sizes), x.shape[1])
+    padded[: x.shape[0]] = x.detach()
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    parts = [chunk[:size] for chunk, size in zip(chunks, sizes)]
+    parts[rank] = x
+    return torch.cat(parts), sum(sizes[:rank])
