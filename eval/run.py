@@ -365,6 +365,9 @@ def parser() -> argparse.ArgumentParser:
                    help="default: as saved in the checkpoint")
     p.add_argument("--device", type=_device, default=None,
                    help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--max-failures", type=_count, default=0, metavar="N",
+                   help="exit non-zero when more than N examples end as error rows (default: 0); the scores are "
+                        "written either way and a rerun into --out retries the failed rows")
     p.add_argument("--allow-outside", action="append", default=[], metavar="PATH",
                    help="let image paths in --data lead into this folder too (repeatable); by default they must lie "
                         "in the data file's folder")
@@ -399,6 +402,12 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device of this machine ({type(e).__name__}: "
                                          f"{(str(e).splitlines() or [''])[0]})") from None
     return text
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -436,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    failed = False  # more error rows than --max-failures in some benchmark
     for bench, data in zip(benches, datas):
         if bench not in ready:
             continue
@@ -453,9 +463,14 @@ def main(argv: list[str] | None = None) -> int:
         if scores:
             print(f"{bench}: {100 * scores['overall']:.2f}% of {scores['num']} ({scores['errors']} errors); "
                   f"{out / 'report.md'}")
+            if scores["errors"] > args.max_failures:
+                failed = True
+                print(f"error: {bench}: {scores['errors']} examples failed (more than --max-failures "
+                      f"{args.max_failures}): their rows in {out / 'predictions.jsonl'} say why; rerun into {out} to "
+                      "retry them", file=sys.stderr)
     if many and int(os.environ.get("RANK", 0)) == 0:
         print(write_summary(Path(args.out), results))
-    return 2 if any(isinstance(scores, str) for _, scores in results.values()) else 0
+    return 2 if failed or any(isinstance(scores, str) for _, scores in results.values()) else 0
 
 
 def _load_model(args) -> LatentVLM:

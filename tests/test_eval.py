@@ -310,8 +310,11 @@ def test_one_bad_example_never_costs_the_others(model_dir, tmp_path, capsys):
     rows[5]["image"] = {"bytes": buf.getvalue(), "path": "5.png"}  # decodes, but the processor refuses it
     rows[6]["question"] = "What colour is it?"  # no options
     data, out = write_mmstar(tmp_path / "mmstar", rows), tmp_path / "out"
-    assert main(["--model", str(model_dir), "--bench", "mmstar", "--data", str(data), "--out", str(out),
-                 "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+    args = ["--model", str(model_dir), "--bench", "mmstar", "--data", str(data), "--batch-size", "4",
+            "--max-new-tokens", "4"]
+    assert main([*args, "--out", str(out)]) == 2  # scored, but more rows failed than --max-failures (0)
+    assert "mmstar: 3 examples failed (more than --max-failures 0)" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "tolerant"), "--max-failures", "3"]) == 0
     got = {r["id"]: r for r in read_rows(out / "predictions.jsonl")}
     assert len(got) == 8
     assert "cannot decode the image" in got["2"]["error"] and "aspect ratio" in got["5"]["error"]
