@@ -187,6 +187,10 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
     n, device = ids.shape[0], ids.device
     positions = backbone.position_ids(ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attn)  # (3, n, L)
     next_pos = positions.reshape(-1, n, positions.shape[-1]).amax(dim=(0, 2)) + 1  # (n,); M-RoPE or 1-D alike
+    # where a segment's latents sit from its first (sketchpad: a sketch's image positions; None: text positions)
+    offsets = method.latent_positions(backbone) if uses_latents else None
+    offsets = None if offsets is None else offsets.to(device)  # (3, K) or (K,)
+    segment_start = next_pos.clone()  # (n,): position of the current latent segment's first slot
     embeds, visual = backbone.embed_multimodal(ids, batch.get("pixel_values"), batch.get("image_grid_thw"),
                                                uniform=synced)  # (n, L, hidden)
     out = backbone(embeds, positions, attn, use_cache=use_cache, visual=visual)
@@ -289,6 +293,11 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
             break
 
         step_pos = backbone.step_position_ids(next_pos)  # the family's ids for one token: (3, n, 1) or (n, 1)
+        if offsets is not None and feed_latent.any():  # the latent fed takes its slot's place in the segment
+            rows, slot = feed_latent.nonzero().squeeze(1), n_latent[feed_latent] - 1  # (m,), (m,)
+            segment_start = torch.where(feed_latent & (n_latent == 1), next_pos, segment_start)
+            step_pos = step_pos.clone()
+            step_pos[..., rows, 0] = segment_start[rows] + offsets[..., slot]
         attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
         if use_cache:
             out = backbone(next_embeds, step_pos, attn, past_key_values=cache, use_cache=True, visual=visual)
@@ -298,7 +307,7 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
             positions = torch.cat([positions, step_pos], dim=-1)
             out = backbone(embeds, positions, attn, visual=visual)
         h = out.last_hidden_state[:, -1]
-        next_pos = next_pos + 1
+        next_pos = torch.maximum(next_pos, step_pos.reshape(-1, n).amax(0) + 1)  # text: +1; a sketch: its max + 1
 
     for b in range(n):
         flush_text(b)

@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 
 from . import __version__
 from .backbones import Backbone, BackboneOutput, backbone_class
+from .backbones.base import place_images
 from .methods import LatentMethod, create_method, list_methods, method_class
 
 VLATENT_CONFIG = "vlatent_config.json"
@@ -197,8 +198,18 @@ class LatentVLM(nn.Module):
         return embeds
 
     def position_ids(self, batch) -> torch.Tensor:
-        return self.backbone.position_ids(batch["input_ids"], batch.get("mm_token_type_ids"),
-                                          batch.get("image_grid_thw"), batch["attention_mask"])
+        """The family's position ids of a batch, its latent slots placed as the method's latents sit."""
+        positions = self.backbone.position_ids(batch["input_ids"], batch.get("mm_token_type_ids"),
+                                               batch.get("image_grid_thw"), batch["attention_mask"])
+        if not self.method.uses_latents:
+            return positions
+        return self.place_latents(positions, batch["input_ids"] == self.method.config.latent_pad_id)
+
+    def place_latents(self, positions, slots) -> torch.Tensor:
+        """``positions`` computed with the latent ``slots`` (batch, seq) bool as text, with each latent segment moved
+        where ``method.latent_positions`` puts it (sketchpad: the image positions of a sketch; others: unchanged)."""
+        offsets = self.method.latent_positions(self.backbone)
+        return positions if offsets is None else place_images(positions, slots, offsets)
 
     def run_language_model(self, embeds, batch, positions=None, upto=None, output_hidden_states=False, mask=None):
         """The decoder over ``embeds`` (optionally only the first ``upto`` positions) of a batch that went through

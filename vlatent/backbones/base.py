@@ -61,6 +61,25 @@ def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def place_images(positions: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``positions`` ((3, batch, seq) or (batch, seq)) computed with the ``slots`` (batch, seq) bool as text tokens,
+    with each run of slots made an image: its j-th token at the run's first position + ``offsets[..., j]``
+    (``Backbone.image_positions``, for n tokens; a run holds at most n) and everything after it moved so that the next
+    token takes the image's largest position + 1, as the family continues after a real image (Qwen's rope deltas)."""
+    positions, offsets = positions.clone(), offsets.to(positions.device)
+    first = slots & ~F.pad(slots, (1, 0))[:, :-1]  # (batch, seq): a run's first slot
+    last = slots & ~F.pad(slots, (0, 1))[:, 1:]  # (batch, seq): a run's last slot
+    for (row, start), (_, end) in zip(first.nonzero().tolist(), last.nonzero().tolist()):  # row-major, in order
+        length = end + 1 - start
+        if length > offsets.shape[-1]:
+            raise ValueError(f"a run of {length} image slots; an image here is {offsets.shape[-1]} tokens")
+        at = positions[..., row, start]  # (3,) or (): a text position, the same on every axis
+        placed = at[..., None] + offsets[..., :length]  # (3, length) or (length,)
+        positions[..., row, start:end + 1] = placed
+        positions[..., row, end + 1:] += placed.max() + 1 - (at.max() + length)  # pads after it: masked anyway
+    return positions
+
+
 class Backbone(nn.Module):
     """Adapter over one HF VLM. Subclasses wrap the model as ``self.model`` and implement the hooks."""
 
@@ -120,6 +139,13 @@ class Backbone(nn.Module):
         """``encode_images`` plus what the decoder takes besides the image embeddings: DeepStack features for the
         image tokens, one ``(n_image_tokens, hidden)`` tensor per injected layer (none here)."""
         return self.encode_images(pixel_values, image_grid_thw), ()
+
+    def image_positions(self, image_grid_thw: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Position ids of one image's ``n_tokens`` LM tokens from the image's first position, shaped as
+        ``position_ids`` gives one row's: ``(n_tokens,)`` here, 1-D families' images taking consecutive positions as
+        text does; ``(3, n_tokens)`` on M-RoPE. The text after an image continues at its largest position + 1
+        (``place_images``; where a sketch stands in for an image, Latent Sketchpad's)."""
+        return torch.arange(n_tokens)
 
     def token_grid(self, image_grid_thw: torch.Tensor, n_tokens: int) -> tuple[int, int]:
         """(rows, cols): how the first ``rows * cols`` of one image's ``n_tokens`` LM tokens tile the picture, in

@@ -1,7 +1,8 @@
 """Qwen2.5-VL adapter: ViT + merger into LM space, M-RoPE (3-D) position ids, the text decoder over embeddings.
 
 Latent slots are text tokens for the model's own rope index (``mm_token_type_ids == 0``), so every latent step
-advances all three M-RoPE axes by one, exactly as a text token at that position would.
+advances all three M-RoPE axes by one, exactly as a text token at that position would; except where a method's latents
+stand for an image (Latent Sketchpad's sketches): ``image_positions`` gives them the rope index's image layout.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ class Qwen2_5_VLBackbone(Backbone):
         _, h, w = image_grid_thw.tolist()  # patches; each LM token merges an m x m block of them
         m = self.config.vision_config.spatial_merge_size
         return h // m, w // m
+
+    def image_positions(self, image_grid_thw, n_tokens):
+        rows, cols = self.token_grid(image_grid_thw, n_tokens)
+        if rows * cols != n_tokens:
+            raise ValueError(f"{self.family}: {n_tokens} image tokens, a {rows} x {cols} grid of them in "
+                             f"image_grid_thw={image_grid_thw.tolist()}")
+        h, w = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)  # raster order
+        return torch.stack([torch.zeros_like(h), h, w])  # (3, n): t stays, h the token's row, w its column
 
     def vision_features(self, pixel_values, image_grid_thw):
         visual = self.model.model.visual

@@ -8,7 +8,8 @@ sequence comes in as embeddings, in training (full, prefix or chunked passes) an
 
 Interleaved M-RoPE: the rotary embedding of ``Qwen3VLTextModel`` interleaves the t/h/w frequencies itself; the
 adapter gives it the model's own 3-D rope index. Latent slots are text tokens for it (``mm_token_type_ids == 0``),
-so every latent step advances all three axes by one, as a text token at that position would.
+so every latent step advances all three axes by one, as a text token at that position would; sketches take the image
+layout of Qwen2.5-VL's ``image_positions`` (the same rope index for images).
 """
 
 from __future__ import annotations

@@ -172,6 +172,12 @@ class LatentMethod(nn.Module):
         ``context`` is given at inference (``None`` in training)."""
         raise NotImplementedError(f"method {self.name!r} does not generate latents")
 
+    def latent_positions(self, backbone) -> torch.Tensor | None:
+        """Where a latent segment's K slots sit from its first one, as ``backbone.image_positions`` of the image the
+        segment stands for (sketchpad's sketches), text after it continuing at their largest + 1; ``None`` (here):
+        text positions, one per slot."""
+        return None
+
     def policy_means(self, model, hidden: torch.Tensor, rollouts) -> torch.Tensor:
         """VLPO: the Gaussian means of a rollout's latent steps ``(n_latent, hidden)`` from the states that produced
         them (row-major, as ``rollouts.latent_mask``), as ``next_latent`` gave them in generation."""

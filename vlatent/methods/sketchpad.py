@@ -7,6 +7,11 @@ latents already produced for the current sketch and to the *global context* (the
 of the earlier sketches of the same answer); the latents re-enter the LM through the backbone's own merger /
 projector (``backbone.project_vision_features``), exactly as a real image's ViT features would.
 
+A sketch sits in the sequence as the image it stands for: its K slots take the positions the backbone gives the
+tokens of a ``sketch_size`` image (``latent_positions``: M-RoPE rows and columns on Qwen, consecutive on the 1-D
+families), and the text after it continues where the family continues after such an image, in training and in
+generation alike.
+
 K latent LM tokens <-> ViT vectors: one LM token is what the merger fuses from ``features_per_token`` ViT vectors
 (Qwen2.5-VL: a 2 x 2 patch unit, 4 x 1280 -> 3584), so a sketch is ``K * features_per_token`` ViT vectors, grouped
 per token in the order ``backbone.vision_features`` returns them. The head maps each hidden state to its token's
@@ -57,6 +62,7 @@ class SketchpadConfig(MethodConfig):
     sketch_size: int = 448  # helper images (ground-truth sketches) are resized to sketch_size x sketch_size px
     vision_feature_size: int | None = None  # d_v, the ViT width before the merger; read off the backbone
     features_per_token: int | None = None  # ViT vectors the merger fuses into one LM token; read off the backbone
+    sketch_grid_thw: list[int] | None = None  # the family's image_grid_thw row of one sketch; read off the backbone
     head_layers: int = 2  # vision-head blocks (release: 2 cross-attention + 8 self-attention layers)
     head_heads: int = 16  # attention heads of the vision head; must divide vision_feature_size
     ce_weight: float = 0.0  # stage-2 text CE weight (release: 0; stage 1 trains CE at weight 1)
@@ -177,6 +183,12 @@ class Sketchpad(LatentMethod):
                                  "or pass it explicitly")
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"sketchpad: {name} must be a positive integer, got {value!r}")
+        grid = c.sketch_grid_thw
+        if grid is None:
+            raise ValueError("sketchpad: sketch_grid_thw is not set; LatentVLM.from_pretrained reads it off the "
+                             "backbone, or pass it explicitly")
+        if not (isinstance(grid, (list, tuple)) and len(grid) == 3 and all(isinstance(g, int) and g > 0 for g in grid)):
+            raise ValueError(f"sketchpad: sketch_grid_thw must be three positive integers, got {grid!r}")
         for name in ("sketch_size", "head_layers", "head_heads"):
             if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
                 raise ValueError(f"sketchpad: {name} must be a positive integer, got {getattr(c, name)!r}")
@@ -212,7 +224,8 @@ class Sketchpad(LatentMethod):
         fits = {"vision_feature_size": (backbone.vision_feature_size, "the backbone's ViT width before the merger"),
                 "features_per_token": (per, "ViT vectors the backbone's merger fuses into one LM token"),
                 "num_latent_tokens": (tokens, f"LM tokens of a {size}x{size} sketch for this backbone; "
-                                              "change sketch_size to change it")}
+                                              "change sketch_size to change it"),
+                "sketch_grid_thw": (grid[0].tolist(), f"the image grid of a {size}x{size} sketch")}
         for name, (value, what) in fits.items():
             given = config.get(name)
             if given is None:
@@ -220,6 +233,11 @@ class Sketchpad(LatentMethod):
             elif given != value:
                 raise ValueError(f"sketchpad: {name}={given} does not fit the backbone: {what} is {value}")
         return config
+
+    def latent_positions(self, backbone):
+        """A sketch's slots take the positions the backbone gives the image tokens of a sketch-sized image, as the
+        release feeds its sketches (M-RoPE on Qwen; consecutive on the 1-D families)."""
+        return backbone.image_positions(torch.tensor(self.config.sketch_grid_thw), self.config.num_latent_tokens)
 
     # -- data ---------------------------------------------------------------------------------------
     def latent_mode(self) -> str:

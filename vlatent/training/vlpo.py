@@ -325,9 +325,11 @@ def action_log_probs(model, r: Rollouts, temperature: float, sigma: float, score
     positions = backbone.position_ids(r.prompt_ids, r.mm_token_type_ids, r.image_grid_thw, r.prompt_mask)
     next_pos = positions.reshape(-1, n, p).amax(dim=(0, 2)) + 1  # (B,): the first generated step's position
     steps = torch.cat([backbone.step_position_ids(next_pos + c) for c in range(r.completion_ids.shape[1])], dim=-1)
+    slots = torch.cat([torch.zeros_like(r.prompt_mask, dtype=torch.bool), r.latent_mask], 1)  # (B, P + C)
+    positions = model.place_latents(torch.cat([positions, steps], -1), slots)  # latent steps as generation put them
     b, c = r.latent_mask.nonzero(as_tuple=True)
     tail = backbone.embed_tokens(r.completion_ids).index_put((b, c), r.latents.to(embeds.dtype))  # (B, C, hidden)
-    hidden = backbone(torch.cat([embeds, tail], 1), torch.cat([positions, steps], -1),
+    hidden = backbone(torch.cat([embeds, tail], 1), positions,
                       torch.cat([r.prompt_mask, r.completion_mask.long()], 1), visual=visual).last_hidden_state
     states = hidden[:, p - 1 : -1]  # (B, C, hidden): the state that produced each completion action
     log_probs = torch.zeros(r.text_mask.shape, dtype=torch.float32, device=hidden.device)
