@@ -4,6 +4,7 @@ checkpoints; image paths stay in their folder, and bad evaluation, demo and quic
 model loads. Each test names the on-disk state a real fault leaves (see docs/reliability.md)."""
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -254,6 +255,21 @@ def test_output_dir_that_is_a_file_is_named_before_the_model_loads(tmp_path, tin
     (tmp_path / "out").write_text("not a folder")
     assert sft(["--config", cfg]) == 2
     assert f"output_dir {str(tmp_path / 'out')!r} is a file" in capsys.readouterr().err
+
+
+def test_read_only_output_dir_is_named_before_the_model_loads(tmp_path, tiny_base, data, capsys):
+    cfg = recipe(tmp_path, tiny_base, data)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out").chmod(0o500)
+    try:
+        if os.access(tmp_path / "out", os.W_OK):  # root writes anyway: nothing to refuse
+            pytest.skip("this user can write a read-only folder")
+        assert sft(["--config", cfg]) == 2
+    finally:
+        (tmp_path / "out").chmod(0o700)
+    err = capsys.readouterr().err
+    assert f"output_dir {str(tmp_path / 'out')!r} cannot be written" in err
+    assert "Loading" not in err and "trainable" not in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

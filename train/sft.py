@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -59,14 +60,26 @@ def prepare_output(out: Path, resume: bool, overwrite: bool, recipe, world_size:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {str(out)!r} is a file, not a folder")
     if resume:
-        return resumable_checkpoint(out, run_info(recipe, world_size))
-    if out.is_dir() and any(out.iterdir()):
+        last = resumable_checkpoint(out, run_info(recipe, world_size))
+        check_writable(out)
+        return last
+    check_writable(out)
+    if any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"output_dir {str(out)!r} is not empty: pass --overwrite to replace it or --resume")
         if rank == 0:  # the old run's checkpoints must not be resumed into this one
             for old in [*checkpoints(out), out / STAGING]:
                 shutil.rmtree(old, ignore_errors=True)
     return None
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file in it now, not at the first checkpoint after the training it holds."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"output_dir {str(out)!r} cannot be written: {e.strerror or e}") from None
 
 
 def resumable_checkpoint(out: Path, info: dict) -> str:
