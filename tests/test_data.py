@@ -353,6 +353,44 @@ def test_min_max_pixels_bound_image_tokens(processor, tmp_path):
     assert (batch["input_ids"] == processor.image_token_id).sum() == 4
 
 
+def test_image_token_budget_shrinks_a_records_images_together(processor, tmp_path):
+    recs = load_records(write_dataset(tmp_path, [make_record()]))
+    tiny_image(2, (224, 168)).save(tmp_path / "images" / "q.png")  # 8 x 6 tokens of 28 px (patch 14, merge 2)
+    tiny_image(3, (112, 112)).save(tmp_path / "images" / "sketch.png")  # 4 x 4: 48 + 16 = 64 image tokens
+
+    def collate(budget):
+        collator = InterleavedCollator(processor, latent_tokens=LT, max_pixels=224 * 224, image_token_budget=budget)
+        batch = collator(recs)
+        return collator, batch["image_grid_thw"].tolist() + batch["latent_target_grid_thw"].tolist()
+
+    collator, grids = collate(64)  # within the budget: untouched
+    assert grids == [[1, 12, 16], [1, 8, 8]] and collator.shrunk_ids == set() and collator.budget_sizes(recs[0]) is None
+    # 32: sides x sqrt(32 / 64), floored to 28 px: 224x168 -> 158x118 -> 140x112 (5 x 4), 112 -> 79 -> 56 (2 x 2)
+    collator, grids = collate(32)
+    assert grids == [[1, 8, 10], [1, 4, 4]] and 5 * 4 + 2 * 2 <= 32
+    assert collator.budget_sizes(recs[0]) == {0: (140, 112), 1: (56, 56)} and collator.shrunk_ids == {"maze-000017"}
+    # 8: 224x168 -> 79x59 -> 56x56 (2 x 2); 112 -> 39 -> 28, under min_pixels = 56 * 56: back up to 56 (2 x 2)
+    assert collate(8)[1] == [[1, 4, 4], [1, 4, 4]]
+    with pytest.raises(ValueError, match="image_token_budget"):
+        InterleavedCollator(processor, latent_tokens=LT, image_token_budget=0)
+
+
+def test_budget_then_max_length_fallback_is_logged(processor, tmp_path, capsys):
+    """train/sft.py's up-front pass: records shrunk to the budget are counted, those still too long skipped."""
+    from train.sft import check_lengths
+
+    long = make_record("long")
+    long["messages"][1]["content"][0]["text"] = "Let me sketch the route. " * 20
+    recs = load_records(write_dataset(tmp_path, [make_record("short"), long]))
+    limit = InterleavedCollator(processor, latent_tokens=LT, image_token_budget=4).length(recs[0])
+    collator = InterleavedCollator(processor, latent_tokens=LT, max_length=limit, on_overflow="skip",
+                                   image_token_budget=4)  # both records: 4 + 6 tokens of 28 px, over 4
+    assert [r["id"] for r in check_lengths(collator, recs)] == ["short"]
+    out = capsys.readouterr().out
+    assert "shrank the images of 2 of 2 record(s) to data.image_token_budget=4" in out
+    assert f"skipped 1 record(s) longer than max_length={limit}" in out
+
+
 def test_image_unreadable_since_validation(processor, tmp_path):
     recs = load_records(write_dataset(tmp_path, [make_record()]))
     (tmp_path / "images" / "sketch.png").unlink()

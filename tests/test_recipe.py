@@ -46,6 +46,7 @@ def test_yaml_1_1_spellings_read_as_the_fields_want(tmp_path):
     ("training.learning_rat=1", "did you mean 'learning_rate' for 'learning_rat'"),
     ("method_config.num_latent_token=2", "did you mean 'num_latent_tokens'"),
     ("data.max_lenght=10", "did you mean 'max_length'"),
+    ("data.image_token_budget=0", "data.image_token_budget must be >= 1, got 0"),
     ("freeze_vision=true", "did you mean 'freeze_vision_tower'"),
     ("freeze_vision_tower=maybe", "freeze_vision_tower must be true or false, got 'maybe'"),
     ("lora.r=two", "lora: r must be an integer, got 'two'"),
@@ -103,6 +104,13 @@ def test_shipped_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
         load_recipe("mirage_stage9")
     with pytest.raises(FileNotFoundError, match="DeepSpeed config 'zero9' does not exist .*zero2, zero3"):
         load_recipe("mirage_stage1", ["deepspeed=zero9"])
+
+
+def test_monet_recipes_take_the_released_image_token_budgets(tmp_path, monkeypatch):
+    """Monet's per-sequence image budgets (src/utils.py:48-50, 299-302): 2000 / 1500 / 2000 tokens for stages 1-3."""
+    monkeypatch.chdir(tmp_path)
+    budgets = [load_recipe(f"monet_stage{s}").data.image_token_budget for s in (1, 2, 3)]
+    assert budgets == [2000, 1500, 2000]
 
 
 def test_saved_recipe_is_the_resolved_one(tmp_path, monkeypatch):

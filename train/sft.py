@@ -120,7 +120,12 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_lengths(collator, records: list[dict]) -> list[dict]:
-    """Tokenise every record once up front, so an over-long one stops the run before the first step."""
+    """Tokenise every record once up front, so an over-long one stops the run before the first step; says how many
+    records had their images shrunk to ``data.image_token_budget`` and how many were skipped."""
+    if collator.image_token_budget is not None:
+        shrunk = sum(collator.budget_sizes(r) is not None for r in records)
+        print(f"shrank the images of {shrunk} of {len(records)} record(s) to "
+              f"data.image_token_budget={collator.image_token_budget} image tokens")
     if collator.max_length is None:
         return records
     kept = []
@@ -231,7 +236,8 @@ def main(argv=None) -> int:
     seed_run(recipe)  # before load_model: the method's new modules are initialised from the RNG
     model, counts = load_model(recipe, rank)
     collator = model.collator(max_length=recipe.data.max_length, on_overflow=recipe.data.on_overflow,
-                              min_pixels=recipe.data.min_pixels, max_pixels=recipe.data.max_pixels)
+                              min_pixels=recipe.data.min_pixels, max_pixels=recipe.data.max_pixels,
+                              image_token_budget=recipe.data.image_token_budget)
     try:
         train_records = check_lengths(collator, train_records)
     except RecordError as e:

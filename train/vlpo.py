@@ -28,7 +28,7 @@ def check_recipe(recipe) -> VLPOConfig:
     if recipe.vlpo is None:
         raise ValueError(f"{where}: a VLPO recipe needs a 'vlpo:' section (VLPOConfig fields; `vlpo: {{}}` for the "
                          "defaults)")
-    unused = [k for k in ("eval", "max_length") if getattr(recipe.data, k) is not None]
+    unused = [k for k in ("eval", "max_length", "image_token_budget") if getattr(recipe.data, k) is not None]
     if unused:
         raise ValueError(f"{where}: data.{unused[0]} is not used by VLPO (prompts come from data.train; "
                          "completions are bounded by vlpo.max_completion_length)")

@@ -8,14 +8,18 @@ distillation teacher sees); ``latent_targets=False`` skips the helper-image targ
 to exactly S x S pixels (a method whose latents are a fixed grid, e.g. Latent Sketchpad's sketches).
 
 Records are never truncated: cutting inside an image or a latent segment is what makes a model fail with "image
-features and image tokens do not match", so a record over ``max_length`` is an error or is skipped.
+features and image tokens do not match", so a record over ``max_length`` is an error or is skipped. With
+``image_token_budget`` a record's images are first shrunk together to that many image tokens (Monet's release).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from ..backbones import backbone_for_processor
 from ..methods.base import LatentTokens
@@ -34,6 +38,9 @@ class InterleavedCollator:
     nothing, ``"image+latent"`` helper image j inline immediately followed by a latent segment (no target: the image
     is in the sequence), ``"text"`` the supervised text ``latent_text(record, j)`` returns (perception tokens).
     ``min_pixels``/``max_pixels`` bound every image's area, hence its number of image tokens.
+    ``image_token_budget=B`` scales all images of a record down by one factor (aspect kept, on the patch grid, never
+    below ``min_pixels``) when their tokens total more than B, so the record holds at most B image tokens
+    (``budget_sizes``; ``shrunk_ids`` lists the records shrunk); ``max_length`` / ``on_overflow`` still apply after.
 
     ``observation_tokens=(open, close)`` (two single tokens, e.g. ``("<observation>", "</observation>")``) wraps
     every text item marked ``"observation": true`` in them and adds ``observation_mask`` (batch, seq; bool): True
@@ -65,6 +72,7 @@ class InterleavedCollator:
         latent_target_size: int | None = None,
         latent_target_pixels: int | None = None,
         latent_text=None,
+        image_token_budget: int | None = None,
     ):
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode={latent_mode!r}; expected one of {', '.join(LATENT_MODES)}")
@@ -94,6 +102,8 @@ class InterleavedCollator:
             raise ValueError(f"latent_target_size must be a positive integer or None, got {latent_target_size!r}")
         if latent_target_pixels is not None and (not isinstance(latent_target_pixels, int) or latent_target_pixels < 1):
             raise ValueError(f"latent_target_pixels must be a positive integer or None, got {latent_target_pixels!r}")
+        if image_token_budget is not None and (not isinstance(image_token_budget, int) or image_token_budget < 1):
+            raise ValueError(f"image_token_budget must be a positive integer or None, got {image_token_budget!r}")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
 
@@ -106,6 +116,9 @@ class InterleavedCollator:
         self.on_overflow = on_overflow
         self.padding_side = padding_side
         self.num_skipped = 0
+        self.image_token_budget = image_token_budget
+        self.shrunk_ids: set[str] = set()
+        self._budget_cache: dict[str, dict | None] = {}
         self.skipped_ids: list[str] = []
         self.latent_targets = latent_targets
         self.latent_target_size = latent_target_size
@@ -143,13 +156,18 @@ class InterleavedCollator:
                                  f"{type(processor.image_processor).__name__} resizes every image to {dict(size)}")
             self.images_kwargs["size"] = {"shortest_edge": min_pixels or size["shortest_edge"],
                                           "longest_edge": max_pixels or size["longest_edge"]}
+        if image_token_budget is not None and "longest_edge" not in processor.image_processor.size:
+            raise ValueError(f"image_token_budget shrinks dynamic-resolution images (Qwen-VL); "
+                             f"{type(processor.image_processor).__name__} resizes every image to "
+                             f"{dict(processor.image_processor.size)}")
 
         self.teacher = None
         if teacher_latent_mode is not None:
             self.teacher = InterleavedCollator(
                 processor, latent_tokens=latent_tokens, num_latent_tokens=num_latent_tokens,
                 latent_mode=teacher_latent_mode, max_length=None, min_pixels=min_pixels, max_pixels=max_pixels,
-                padding_side=padding_side, observation_tokens=observation_tokens, latent_targets=latent_targets)
+                padding_side=padding_side, observation_tokens=observation_tokens, latent_targets=latent_targets,
+                image_token_budget=image_token_budget)
 
     def _token_id(self, token: str) -> int:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -158,13 +176,46 @@ class InterleavedCollator:
         return ids[0]
 
     # -- one record ---------------------------------------------------------------------------------
-    def _open(self, record: dict, j: int) -> Image.Image:
+    def _open(self, record: dict, j: int, shrink: bool = True) -> Image.Image:
         path = record["images"][j]
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                if not shrink:  # the header's size only
+                    return im
+                image = im.convert("RGB")
         except Exception as e:  # missing, truncated or not an image; PIL raises many types
             raise record_error(record["id"], "", f"images[{j}]", f"cannot read {path!r} ({type(e).__name__}: {e})")
+        sizes = self.budget_sizes(record)
+        return image if sizes is None else image.resize(sizes[j], Image.Resampling.BICUBIC)
+
+    def budget_sizes(self, record: dict) -> dict[int, tuple[int, int]] | None:
+        """``{image index: (width, height)}`` shrinking every image the record uses by one factor so their tokens total
+        at most ``image_token_budget``; None when there is no budget or the record is within it. The release's rule
+        (Monet ``src/utils.py`` ``resize_by_token_budget``) on the sizes the processor would encode: each side times
+        sqrt(budget / tokens), floored to the grid unit (patch x merge), then the processor's own bounds."""
+        if self.image_token_budget is None:
+            return None
+        if record["id"] in self._budget_cache:
+            return self._budget_cache[record["id"]]
+        used = sorted({it["image"] for msg in record["messages"] for it in msg["content"] if "image" in it})
+        proc = self.processor.image_processor
+        unit = proc.patch_size * proc.merge_size
+        size = self.images_kwargs.get("size", proc.size)
+        low, high = size["shortest_edge"], size["longest_edge"]
+        hw = {j: smart_resize(im.height, im.width, unit, low, high)
+              for j, im in ((j, self._open(record, j, shrink=False)) for j in used)}
+        area = sum(h * w for h, w in hw.values())
+        sizes = None
+        if area > self.image_token_budget * unit * unit:
+            ratio = math.sqrt(self.image_token_budget * unit * unit / area)
+            sizes = {}
+            for j, (h, w) in hw.items():
+                h, w = (max(unit, int(x * ratio) // unit * unit) for x in (h, w))
+                h, w = smart_resize(h, w, unit, low, high)  # a side on the grid stays; below min_pixels grows
+                sizes[j] = (w, h)
+            self.shrunk_ids.add(record["id"])
+        self._budget_cache[record["id"]] = sizes
+        return sizes
 
     def _check_text(self, record: dict) -> None:
         for m, msg in enumerate(record["messages"]):

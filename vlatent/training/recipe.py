@@ -48,6 +48,7 @@ class DataConfig:
     on_overflow: str = "error"
     min_pixels: int | None = None
     max_pixels: int | None = None
+    image_token_budget: int | None = None  # a record's images shrunk together to at most this many tokens (Monet)
 
 
 @dataclass
@@ -99,6 +100,7 @@ RANGES = {
     "data.max_pixels": (lambda v: v is None or v >= 1, ">= 1"),
 }
 
+    "data.image_token_budget": (lambda v: v is None or v >= 1, ">= 1"),
 
 def _get(tree: dict, dotted: str):
     for k in dotted.split("."):
