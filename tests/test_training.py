@@ -222,6 +222,31 @@ def test_lora_keeps_learning_the_new_tokens_embeddings_only(tiny_base):
     assert weight.grad[new].abs().min() > 0 and weight.grad[0].abs().max() == 0
 
 
+def test_freezing_embed_tokens_and_the_projector_norm_as_sketchpad_stage1_releases(tiny_base):
+    """Release stage 1: vision tower, merger.ln_q and embed_tokens frozen; merger.mlp, the LM and lm_head train
+    (the method's added tokens keep their embedding rows learning)."""
+    from vlatent.training import apply_freezing
+
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", sketch_size=56, head_heads=4)
+    apply_freezing(model, freeze_vision_tower=True, freeze_embed_tokens=True, freeze_projector_norm=True)
+    grad = {n: p.requires_grad for n, p in model.backbone.model.named_parameters()}
+    expected = {"model.visual.patch_embed.proj.weight": False, "model.visual.blocks.0.attn.qkv.weight": False,
+                "model.visual.merger.ln_q.weight": False, "model.visual.merger.mlp.0.weight": True,
+                "model.visual.merger.mlp.2.bias": True, "model.language_model.layers.0.self_attn.q_proj.weight": True,
+                "model.language_model.norm.weight": True, "lm_head.weight": True}
+    assert {n: grad[n] for n in expected} == expected
+    weight = model.backbone.model.get_input_embeddings().weight  # only the added tokens' rows get a gradient
+    new = [model.tokenizer.convert_tokens_to_ids(t) for t in model.method.special_tokens()]
+    weight[[0, 5, *new]].sum().backward()
+    assert weight.grad[new].abs().min() > 0 and weight.grad[[0, 5]].abs().max() == 0
+    apply_freezing(model)  # the default trains the whole merger and every embedding row
+    assert model.backbone.model.model.visual.merger.ln_q.weight.requires_grad and weight.requires_grad
+    with torch.no_grad():  # a tied LM head would be frozen with embed_tokens: refused
+        model.backbone.model.lm_head.weight = model.backbone.model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="ties its LM head to embed_tokens"):
+        apply_freezing(model, freeze_embed_tokens=True)
+    apply_freezing(model, freeze_language_model=True, freeze_embed_tokens=True)  # both frozen anyway: fine
+
 def test_lora_recipe_errors_name_the_key(tmp_path, tiny_base, maze, capsys):
     cfg = tiny_recipe(tmp_path, tiny_base, maze, method="text")
     assert sft(["--config", cfg, "--set", "lora={rank: 8}"]) == 2

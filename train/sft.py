@@ -172,7 +172,7 @@ def load_model(recipe, rank: int) -> tuple[LatentVLM, dict]:
     model = LatentVLM.from_pretrained(recipe.model, method=recipe.method, dtype=recipe.dtype,
                                       attn_implementation=recipe.attn_implementation, **recipe.method_config)
     counts = apply_freezing(model, recipe.freeze_vision_tower, recipe.freeze_multi_modal_projector,
-                            recipe.freeze_language_model)
+                            recipe.freeze_language_model, recipe.freeze_embed_tokens, recipe.freeze_projector_norm)
     if recipe.lora is not None:
         n_layers = apply_lora(model, LoraSettings.from_dict(recipe.lora))
         counts = parameter_counts(model)

@@ -60,6 +60,8 @@ class Recipe:
     freeze_vision_tower: bool = False
     freeze_multi_modal_projector: bool = False
     freeze_language_model: bool = False
+    freeze_embed_tokens: bool = False  # the base vocabulary's input embeddings (added tokens' rows still learn)
+    freeze_projector_norm: bool = False  # the projector's norm (Qwen: merger.ln_q), so only its MLP trains
     lora: dict | None = None  # LoRA on the language model (peft LoraConfig names: r, lora_alpha, ...); None = full
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None keeps the checkpoint's
     attn_implementation: str | None = None  # "eager", "sdpa", "flash_attention_2", ...; None: transformers' choice

@@ -74,21 +74,56 @@ def nonfinite_parameters(model) -> list[str]:
     """Names of the parameters (this process's ZeRO-3 shard when partitioned) holding a NaN or an infinity."""
     return [n for n, p in model.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p.data)).all()]
 
-FREEZE_SWITCHES = ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")
+FREEZE_SWITCHES = ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",
+                   "freeze_embed_tokens", "freeze_projector_norm")
 
 
 def apply_freezing(model, freeze_vision_tower: bool = False, freeze_multi_modal_projector: bool = False,
-                   freeze_language_model: bool = False) -> dict[str, int]:
-    """Freeze the named backbone parts; returns trainable / frozen parameter counts."""
+                   freeze_language_model: bool = False, freeze_embed_tokens: bool = False,
+                   freeze_projector_norm: bool = False) -> dict[str, int]:
+    """Freeze the named backbone parts; returns trainable / frozen parameter counts. ``freeze_embed_tokens`` and
+    ``freeze_projector_norm`` narrow a trainable language model / projector (Latent Sketchpad's stage 1 as released)."""
     parts = model.backbone.parts()
     for name, frozen in (("vision_tower", freeze_vision_tower), ("multi_modal_projector", freeze_multi_modal_projector),
                          ("language_model", freeze_language_model)):
         for module in parts[name]:
             module.requires_grad_(not frozen)
+    if freeze_projector_norm:
+        norms = projector_norms(model)
+        if not norms:
+            raise ValueError(f"freeze_projector_norm: the {model.backbone.family} projector has no normalisation "
+                             "layer to freeze (unset it)")
+        for norm in norms:
+            norm.requires_grad_(False)
+    if freeze_embed_tokens:
+        freeze_base_embeddings(model)
     counts = parameter_counts(model)
     if counts["trainable"] == 0:
         raise ValueError("every parameter is frozen: unset one of " + ", ".join(FREEZE_SWITCHES))
     return counts
+
+
+def projector_norms(model) -> list[torch.nn.Module]:
+    """The normalisation layers inside the projector / merger (Qwen2.5-VL: ``merger.ln_q``): freezing them leaves only
+    its MLP trainable, as Latent Sketchpad's ``--unfreeze-connector`` trains ``visual.merger.mlp``."""
+    return [m for part in model.backbone.parts()["multi_modal_projector"] for m in part.modules()
+            if type(m).__name__.endswith("Norm")]
+
+
+def freeze_base_embeddings(model) -> None:
+    """Freeze the input embedding rows of the base vocabulary; the rows of the method's added tokens keep learning
+    (they start at the mean row, where the release reuses the base's trained ``<|vision_start|>`` / ``_end|>``)."""
+    from .lora import train_new_token_rows
+
+    hf = model.backbone.model
+    weight, head = hf.get_input_embeddings().weight, hf.get_output_embeddings()
+    if not weight.requires_grad:  # the language model is frozen already
+        return
+    if head is not None and head.weight is weight and head.weight.requires_grad:
+        raise ValueError("freeze_embed_tokens: this backbone ties its LM head to embed_tokens (tie_word_embeddings), "
+                         "so freezing one would freeze the other; untie them or unset freeze_embed_tokens")
+    weight.requires_grad_(False)
+    train_new_token_rows(model)
 
 
 def parameter_counts(model) -> dict[str, int]:
