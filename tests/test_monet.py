@@ -149,6 +149,30 @@ def test_collator_observation_mask_and_stage_layouts(stage1, stage2, stage3, rec
             InterleavedCollator(stage1.processor, latent_tokens=None, **kwargs)
 
 
+def test_supervise_tags_false_leaves_the_released_tags_unlabelled(stage1, stage2, stage3, records):
+    """As released (src/main.py:172, 235, 308 ignore_ids): no label on <observation>, </observation>,
+    </abs_vis_token> (nor on latent pads and image tokens, as by default); <abs_vis_token> and the text keep theirs."""
+    obs = "The path turns left."
+    expected = {1: f"Let me sketch it.{obs} The answer is B.<|im_end|>",
+                2: f"Let me sketch it.<abs_vis_token>{obs} The answer is B.<|im_end|>",
+                3: f"Let me sketch it.<abs_vis_token>{obs} The answer is B.<|im_end|>"}
+    for stage, model in ((1, stage1), (2, stage2), (3, stage3)):
+        default = model.collator()(records[:1])
+        model.method.config.supervise_tags = False
+        try:
+            batch = model.collator()(records[:1])
+        finally:
+            model.method.config.supervise_tags = True
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        assert torch.equal(ids, default["input_ids"][0])
+        assert model.tokenizer.decode(ids[labels != -100]) == expected[stage]
+        c = model.method.config
+        dropped = (default["labels"][0] != -100) & (labels == -100)  # exactly the tags lose their labels
+        tags = {c.observation_start_id, c.observation_end_id, c.latent_end_id}
+        assert set(ids[dropped].tolist()) <= tags and dropped.sum() == sum(int(i in tags) for i in ids.tolist())
+        assert torch.equal(labels[labels != -100], ids[labels != -100])
+
+
 def image_runs(ids, image_token_id):
     """Positions of each image's pad tokens, one list per image."""
     runs = []

@@ -106,11 +106,12 @@ def test_shipped_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
         load_recipe("mirage_stage1", ["deepspeed=zero9"])
 
 
-def test_monet_recipes_take_the_released_image_token_budgets(tmp_path, monkeypatch):
+def test_monet_recipes_take_the_released_image_token_budgets_and_labels(tmp_path, monkeypatch):
     """Monet's per-sequence image budgets (src/utils.py:48-50, 299-302): 2000 / 1500 / 2000 tokens for stages 1-3."""
     monkeypatch.chdir(tmp_path)
-    budgets = [load_recipe(f"monet_stage{s}").data.image_token_budget for s in (1, 2, 3)]
-    assert budgets == [2000, 1500, 2000]
+    recipes = [load_recipe(f"monet_stage{s}") for s in (1, 2, 3)]
+    assert [r.data.image_token_budget for r in recipes] == [2000, 1500, 2000]
+    assert [r.method_config["supervise_tags"] for r in recipes] == [False] * 3  # the released labels
 
 
 def test_saved_recipe_is_the_resolved_one(tmp_path, monkeypatch):

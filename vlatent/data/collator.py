@@ -41,6 +41,7 @@ class InterleavedCollator:
     ``image_token_budget=B`` scales all images of a record down by one factor (aspect kept, on the patch grid, never
     below ``min_pixels``) when their tokens total more than B, so the record holds at most B image tokens
     (``budget_sizes``; ``shrunk_ids`` lists the records shrunk); ``max_length`` / ``on_overflow`` still apply after.
+    ``unsupervised_tokens``: single tokens that never get a label, wherever they stand (Monet's released tags).
 
     ``observation_tokens=(open, close)`` (two single tokens, e.g. ``("<observation>", "</observation>")``) wraps
     every text item marked ``"observation": true`` in them and adds ``observation_mask`` (batch, seq; bool): True
@@ -73,6 +74,7 @@ class InterleavedCollator:
         latent_target_pixels: int | None = None,
         latent_text=None,
         image_token_budget: int | None = None,
+        unsupervised_tokens: tuple[str, ...] = (),
     ):
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode={latent_mode!r}; expected one of {', '.join(LATENT_MODES)}")
@@ -142,6 +144,7 @@ class InterleavedCollator:
                 self.latent_item = (INLINE_IMAGE, self.latent_item)
         else:
             self.latent_item = INLINE_IMAGE if latent_mode == "image" else ""
+        not_supervised += [self._token_id(t) for t in unsupervised_tokens]
         self.not_supervised = set(not_supervised)
         if self.observation_tokens is not None:
             self.observation_ids = tuple(self._token_id(t) for t in self.observation_tokens)
@@ -167,7 +170,7 @@ class InterleavedCollator:
                 processor, latent_tokens=latent_tokens, num_latent_tokens=num_latent_tokens,
                 latent_mode=teacher_latent_mode, max_length=None, min_pixels=min_pixels, max_pixels=max_pixels,
                 padding_side=padding_side, observation_tokens=observation_tokens, latent_targets=latent_targets,
-                image_token_budget=image_token_budget)
+                image_token_budget=image_token_budget, unsupervised_tokens=unsupervised_tokens)
 
     def _token_id(self, token: str) -> int:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]

@@ -20,8 +20,8 @@ teacher's view of the same records as ``batch["teacher"]``.
 
 Choices the paper leaves open (or where the released code is not followed):
 - Observation tags are ordinary supervised tokens (the model learns to write them, so inference sequences look like
-  training ones; the released code never supervises them). The CE weight applies to the tokens strictly inside the
-  tags; CE is the weight-normalised mean ``sum(w * ce) / sum(w)`` over supervised tokens, as released.
+  training ones); ``supervise_tags=False`` leaves them and ``</abs_vis_token>`` unlabelled, as released. The CE
+  weight applies to the tokens strictly inside the tags; CE is the weight-normalised mean ``sum(w * ce) / sum(w)`` over supervised tokens, as released.
 - Stage-2 mask: causal + padding, and the image-pad tokens of an auxiliary image (one whose closing tokens, e.g.
   ``<|vision_end|>``, are directly followed by the latent start token) are visible only to that image's own tokens
   (causally, as usual) and to the K latent pads right after it. The closing tokens, the start/end tokens, observation
@@ -84,6 +84,9 @@ class MonetConfig(MethodConfig):
     alignment_weight: float = 2.0  # stages 2 and 3
     latent_only_backprop: bool = True  # stage 2: the alignment reaches the parameters only through the latents
     teacher: str | None = None  # stage 2: the stage-1 checkpoint; stage 3: the stage-2 checkpoint
+    # False: as released (src/main.py:172, 235, 308 ignore_ids), <observation>, </observation> and </abs_vis_token>
+    # get no label; True: the model learns to write them, so its inference text has the tags its training text had.
+    supervise_tags: bool = True
     # ``latent_steps: model`` decodes as released: a segment ends at the sampled </abs_vis_token> or after
     # LATENT_SIZE = 10 latents (NOVAglow646/Monet@0893999 inference/vllm/monet_gpu_model_runner.py:1657,
     # inference/example.sh). The default stays "fixed": see docs/fidelity.md (inference).
@@ -184,8 +187,10 @@ class Monet(LatentMethod):
     def collator_kwargs(self) -> dict:
         """What ``InterleavedCollator`` needs beyond the latent tokens and mode for this stage."""
         c = self.config
+        tags = () if c.supervise_tags else (c.observation_start_token, c.observation_end_token, c.latent_end_token)
         return {"observation_tokens": (c.observation_start_token, c.observation_end_token),
-                "teacher_latent_mode": TEACHER_LATENT_MODES[c.stage], "latent_targets": False}
+                "teacher_latent_mode": TEACHER_LATENT_MODES[c.stage], "latent_targets": False,
+                "unsupervised_tokens": tags}
 
     # -- teacher ------------------------------------------------------------------------------------
     def set_teacher(self, teacher) -> None:
