@@ -21,7 +21,8 @@ teacher's view of the same records as ``batch["teacher"]``.
 Choices the paper leaves open (or where the released code is not followed):
 - Observation tags are ordinary supervised tokens (the model learns to write them, so inference sequences look like
   training ones); ``supervise_tags=False`` leaves them and ``</abs_vis_token>`` unlabelled, as released. The CE
-  weight applies to the tokens strictly inside the tags; CE is the weight-normalised mean ``sum(w * ce) / sum(w)`` over supervised tokens, as released.
+  weight applies to the tokens strictly inside the tags; CE is the weight-normalised mean ``sum(w * ce) / sum(w)``
+  over supervised tokens, as released.
 - Stage-2 mask: causal + padding, and the image-pad tokens of an auxiliary image (one whose closing tokens, e.g.
   ``<|vision_end|>``, are directly followed by the latent start token) are visible only to that image's own tokens
   (causally, as usual) and to the K latent pads right after it. The closing tokens, the start/end tokens, observation
