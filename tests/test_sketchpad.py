@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -113,6 +114,76 @@ def test_stage2_trains_only_the_vision_head(stages, tiny_base):
     assert not torch.equal(two.method.state_dict()[head], one.method.state_dict()[head])
     assert two.method.config.stage == 2 and two.method.config.num_latent_tokens == 4
 
+
+def test_sketch_delimiters_leave_the_ce_when_switched_off_as_released(tiny_base, maze):
+    from vlatent.data import load_records
+
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
+    c = model.method.config
+    batch = model.collator()(load_records(maze)[:2])
+    ids, labels = batch["input_ids"].tolist(), batch["labels"]
+    delimiters = [(r, p) for r, row in enumerate(ids) for p, t in enumerate(row) if t in (c.latent_start_id,
+                                                                                        c.latent_end_id)]
+    assert len(delimiters) == 2 * int(batch["num_latent_segments"].sum()) > 0
+    assert all(labels[r, p] == ids[r][p] for r, p in delimiters)  # ours: supervised (the model opens its sketches)
+    assert torch.equal(model.method.text_labels(labels), labels)
+    c.supervise_sketch_delimiters = False  # the release's: every other label as it was, the delimiters at -100
+    expected = labels.clone()
+    for r, p in delimiters:
+        expected[r, p] = -100
+    assert torch.equal(model.method.text_labels(labels), expected)
+
+
+def test_text_only_share_turns_that_many_records_sketchless_for_a_seed(tiny_base, maze):
+    from vlatent.data import load_records
+
+    records = load_records(maze)
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", text_only_share=0.5, **TINY)
+    views, sampler = model.method.training_data(records, seed=3)
+    again, _ = model.method.training_data(records, seed=3)
+    other, _ = model.method.training_data(records, seed=4)
+    changed = [i for i, (v, r) in enumerate(zip(views, records)) if v is not r]
+    assert sampler is None and len(changed) == round(0.5 * len(records)) == 8
+    assert again == views and other != views  # one seed, one draw
+    for i in changed:  # the release's text-only sample: the question image stays, the sketches go, the text stays
+        kinds = [[it["type"] for it in m["content"]] for m in views[i]["messages"]]
+        assert kinds == [["image" if t == "image" else t for t in k if t != "latent"]
+                         for k in ([it["type"] for it in m["content"]] for m in records[i]["messages"])]
+        assert sum(k.count("image") for k in kinds) == 1 and not any("latent" in k for k in kinds)
+        assert any(it["type"] == "latent" for m in records[i]["messages"] for it in m["content"])  # not mutated
+    batch = model.collator()([views[i] for i in changed[:3]])
+    assert "latent_target_pixel_values" not in batch and batch["num_latent_segments"].sum() == 0
+    assert not (batch["input_ids"] == model.method.config.latent_pad_id).any()
+    model.method.config.stage = 2  # stage 2 trains the records as written
+    assert model.method.training_data(records, seed=3)[0] is records
+
+
+def test_head_target_merger_norm_regresses_after_the_mergers_rmsnorm(tiny_base, maze):
+    from vlatent.data import load_records
+
+    torch.manual_seed(0)
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, head_target="merger_norm", **TINY)
+    batch = model.collator()(load_records(maze)[:2])
+    ln_q = model.backbone.model.model.visual.merger.ln_q
+    with torch.no_grad():
+        ln_q.weight.uniform_(0.5, 1.5)  # not the identity, so the test sees the weight
+
+    def by_hand(x):  # Qwen2RMSNorm
+        x = x.float()
+        return ln_q.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ln_q.variance_epsilon))
+
+    seen = []
+    handle = model.method.head.register_forward_hook(lambda m, i, out: seen.append(out))
+    with torch.no_grad():
+        losses = model.method.training_losses(model, batch)
+    handle.remove()
+    targets = model.backbone.vision_features(batch["latent_target_pixel_values"], batch["latent_target_grid_thw"])
+    expected = F.l1_loss(by_hand(seen[0]), by_hand(torch.stack(targets)))
+    torch.testing.assert_close(losses["latent_vit"].float(), expected.float())
+    vit = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, **TINY)  # ours: the raw ViT features
+    assert torch.equal(vit.method.head_space(vit.backbone, targets[0]), targets[0])
+    with pytest.raises(ValueError, match="head_target must be one of vit, merger_norm"):
+        LatentVLM.from_pretrained(tiny_base, method="sketchpad", head_target="ln_q", **TINY)
 
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory, tiny_base, maze):

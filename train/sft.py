@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    seed_run(recipe)  # before load_model: the method's new modules are initialised from the RNG
+    seed = seed_run(recipe)  # before load_model: the method's new modules are initialised from the RNG
     model, counts = load_model(recipe, rank)
     collator = model.collator(max_length=recipe.data.max_length, on_overflow=recipe.data.on_overflow,
                               min_pixels=recipe.data.min_pixels, max_pixels=recipe.data.max_pixels,
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         print(f"{model.method.name} stage {model.method.config.stage}: {len(train_records)} records, "
               f"{counts['trainable'] / 1e6:.2f}M trainable / {counts['frozen'] / 1e6:.2f}M frozen parameters")
 
-    train_data, sampler = model.method.training_data(train_records)  # the records, or a method's views + schedule
+    train_data, sampler = model.method.training_data(train_records, seed=seed)  # the records, or views + schedule
     trainer = LatentTrainer(model=model, args=training_arguments(recipe), train_dataset=train_data,
                             eval_dataset=eval_records, data_collator=collator, train_sampler=sampler)
     return run(trainer, out, recipe, world_size, last, title=f"{model.method.name} SFT")

@@ -173,6 +173,12 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
+    def vision_feature_norm(self) -> nn.Module | None:
+        """The projector's own per-vector norm over ``vision_features`` rows (Qwen2.5-VL: ``merger.ln_q``), the space
+        Latent Sketchpad's release regresses sketches in; None where the projector has none before pooling."""
+        return None
+
+    @property
     def vision_features_per_token(self) -> int:
         """How many vision-encoder vectors the projector fuses into one LM token (read off the smallest image)."""
         pixel_values, grid = self.dummy_image_inputs()

@@ -62,6 +62,10 @@ class Qwen2_5_VLBackbone(Backbone):
         merger = self.model.model.visual.merger
         return merger(features.type(merger.ln_q.weight.dtype))  # (n / 4, hidden)
 
+    @property
+    def vision_feature_norm(self):
+        return self.model.model.visual.merger.ln_q
+
     def parts(self):
         visual = self.model.model.visual
         return {"vision_tower": [visual.patch_embed, visual.blocks],

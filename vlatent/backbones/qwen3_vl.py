@@ -45,6 +45,11 @@ class Qwen3VLBackbone(Qwen2_5_VLBackbone):
         merger = self.model.model.visual.merger
         return merger(features.type(merger.linear_fc1.weight.dtype))  # (n / m^2, hidden)
 
+    @property
+    def vision_feature_norm(self):
+        merger = self.model.model.visual.merger
+        return None if merger.use_postshuffle_norm else merger.norm  # post-shuffle: a norm over fused tokens
+
     def parts(self):
         visual = self.model.model.visual
         return {"vision_tower": [visual.patch_embed, visual.pos_embed, visual.blocks],

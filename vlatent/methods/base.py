@@ -139,9 +139,10 @@ class LatentMethod(nn.Module):
         """Extra ``InterleavedCollator`` arguments this method (and stage) needs."""
         return {}
 
-    def training_data(self, records: list[dict]) -> tuple[Any, Any]:
+    def training_data(self, records: list[dict], seed: int = 0) -> tuple[Any, Any]:
         """What the Trainer iterates, built from the validated records, and its sampler (``None``: the Trainer's own
-        shuffling). Perception's curriculum returns on-the-fly views of the records and a scheduled sampler."""
+        shuffling). Perception's curriculum returns on-the-fly views of the records and a scheduled sampler;
+        Sketchpad's stage 1 turns a share of them, drawn from ``seed`` (``training.seed``), into text-only views."""
         return records, None
 
     # -- files beside the checkpoint ----------------------------------------------------------------

@@ -268,7 +268,7 @@ class Perception(LatentMethod):
         return {**record, "id": f"{record['id']}#perception",
                 "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": [latent]}]}
 
-    def training_data(self, records: list[dict]):
+    def training_data(self, records: list[dict], seed: int = 0):
         c = self.config
         if c.curriculum_epochs == 0:
             return records, None

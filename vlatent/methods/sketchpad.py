@@ -33,9 +33,13 @@ text alone (the paper's backbone comparison; the release's ``GENERATION_TYPE``).
 holds the sketch's ``(K * features_per_token, d_v)`` ViT-space latents, which ``vlatent.decoders.SketchDecoder``
 renders as an image.
 
+Options that select the release's behaviour (``docs/fidelity.md``): ``head_target="merger_norm"`` regresses (and
+hands the decoder) the sketch after the merger's norm, ``supervise_sketch_delimiters=False`` leaves the sketch's start
+/ end tokens out of the CE, ``text_only_share=0.5`` trains stage 1 on that share of records without their sketches.
+
 Choices the paper leaves open (or where the release is not followed):
-- Targets are the raw ViT output before the merger (the release first applies the merger's RMSNorm); the merger
-  still normalises on the way into the LM. The head's output has a free scale (final linear layer).
+- Targets are the raw ViT output before the merger by default (``head_target="vit"``; the release first applies the
+  merger's RMSNorm); the merger still normalises on the way into the LM. The head's output has a free scale.
 - Global context = ViT features of the input images and of earlier sketches (targets in training, the head's own
   latents at inference); the release feeds the input images' merged embeddings through the head's MLP instead.
 - Helper images are resized to exactly ``sketch_size`` px (collator ``latent_target_size``), so every sketch is one
@@ -47,6 +51,8 @@ Choices the paper leaves open (or where the release is not followed):
 
 from __future__ import annotations
 
+import copy
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +74,29 @@ class SketchpadConfig(MethodConfig):
     ce_weight: float = 0.0  # stage-2 text CE weight (release: 0; stage 1 trains CE at weight 1)
     vit_weight: float = 1.0  # stage-2 L1 in ViT space
     embed_weight: float = 1.0  # stage-2 L1 after the merger (LM space)
+    # CE on the sketch's start / end tokens; the release leaves them out (data/dataset.py:241-242) and forces its
+    # start token by a rule at inference, so without them the model never opens a sketch on its own
+    supervise_sketch_delimiters: bool = True
+    text_only_share: float = 0.0  # stage 1: share of records trained without their sketches (release: 0.5)
+    head_target: str = "vit"  # "vit": raw ViT features; "merger_norm": after the merger's norm (release)
+
+
+HEAD_TARGETS = ("vit", "merger_norm")
+
+
+def text_only(record: dict) -> dict:
+    """The release's stage-1 text-only sample (``data/dataset.py:176-181``): every sketch and every image of the
+    answer goes, of the other turns' images only the first stays; the text around them stays as written."""
+    out, kept_image = copy.deepcopy(record), False
+    for msg in out["messages"]:
+        content = []
+        for item in msg["content"]:
+            if item["type"] == "latent" or (item["type"] == "image" and (kept_image or msg["role"] == "assistant")):
+                continue
+            kept_image |= item["type"] == "image"
+            content.append(item)
+        msg["content"] = content
+    return out
 
 
 class Attention(nn.Module):
@@ -141,6 +170,7 @@ class SketchState:
 
     project: object  # backbone.project_vision_features
     context: list[list[torch.Tensor]]  # per row: (n_i, d_v) ViT features of input images and finished sketches
+    space: object = None  # Sketchpad.head_space on the backbone: the head's output -> a sketch's features
     hidden: list[list[torch.Tensor]] = field(default_factory=list)  # per row: LM states of the current sketch
     features: list[torch.Tensor | None] = field(default_factory=list)  # per row: current sketch (k * per, d_v)
 
@@ -197,6 +227,10 @@ class Sketchpad(LatentMethod):
                              f"{c.vision_feature_size}")
         if min(c.ce_weight, c.vit_weight, c.embed_weight) < 0:
             raise ValueError("sketchpad: loss weights must be >= 0")
+        if not 0 <= c.text_only_share <= 1:
+            raise ValueError(f"sketchpad: text_only_share must be in [0, 1], got {c.text_only_share!r}")
+        if c.head_target not in HEAD_TARGETS:
+            raise ValueError(f"sketchpad: head_target must be one of {', '.join(HEAD_TARGETS)}, got {c.head_target!r}")
         self.head = VisionHead(hidden_size, c.vision_feature_size, c.features_per_token, c.num_latent_tokens,
                                c.head_layers, c.head_heads)
         if c.stage == 1:  # stage 1 fine-tunes the backbone only (release: image loss weight 0)
@@ -211,6 +245,9 @@ class Sketchpad(LatentMethod):
     def backbone_config(cls, config, backbone, processor):
         config = dict(config)
         size = config.get("sketch_size", SketchpadConfig.sketch_size)
+        if config.get("head_target") == "merger_norm" and backbone.vision_feature_norm is None:
+            raise ValueError(f"sketchpad: head_target='merger_norm' needs a per-vector norm in the projector; "
+                             f"{backbone.family}'s has none (use head_target='vit')")
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"sketchpad: sketch_size must be a positive integer, got {size!r}")
         per = backbone.vision_features_per_token
@@ -246,7 +283,30 @@ class Sketchpad(LatentMethod):
     def collator_kwargs(self) -> dict:
         return {"latent_target_size": self.config.sketch_size}
 
+    def training_data(self, records, seed: int = 0):
+        """Stage 1: ``text_only_share`` of the records, drawn once from ``seed``, as ``text_only`` views (no sketch
+        supervision), the release's text-only mixing; stage 2 (and a share of 0) trains on the records as written."""
+        c = self.config
+        if c.stage != 1 or c.text_only_share == 0:
+            return records, None
+        chosen = set(random.Random(seed).sample(range(len(records)), round(c.text_only_share * len(records))))
+        return [text_only(r) if i in chosen else r for i, r in enumerate(records)], None
+
     # -- training -----------------------------------------------------------------------------------
+    def text_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The CE labels, the sketch's start / end tokens left out unless ``supervise_sketch_delimiters``."""
+        c = self.config
+        if c.supervise_sketch_delimiters:
+            return labels
+        return labels.masked_fill((labels == c.latent_start_id) | (labels == c.latent_end_id), -100)
+
+    def head_space(self, backbone, features: torch.Tensor) -> torch.Tensor:
+        """ViT features in the head's space: as they are (``head_target="vit"``) or through the merger's norm."""
+        if self.config.head_target == "vit":
+            return features
+        norm = backbone.vision_feature_norm
+        return norm(features.type(norm.weight.dtype))
+
     def loss_weights(self):
         c = self.config
         if c.stage == 1:
@@ -295,7 +355,7 @@ class Sketchpad(LatentMethod):
             else:
                 embeds = embeds + 0.0 * target_embeds.sum().to(embeds.dtype)
         hidden = model.run_language_model(embeds, batch).last_hidden_state  # (batch, seq, hidden)
-        losses = {"ce": model.lm_loss(hidden, batch["labels"])}
+        losses = {"ce": model.lm_loss(hidden, self.text_labels(batch["labels"]))}
         if c.stage == 1:
             return losses
         images, images_real = self.vit_features(model, batch.get("pixel_values"), batch.get("image_grid_thw"))
@@ -306,10 +366,12 @@ class Sketchpad(LatentMethod):
             zero = (predicted.sum() + backbone.project_vision_features(predicted.flatten(0, 1)).sum()) * 0.0
             return {**losses, "latent_vit": zero, "latent_embed": zero}
         k = c.num_latent_tokens
-        context = self.global_context(batch, b, t, targets, images if images_real else [], backbone.image_token_id)
+        space = [self.head_space(backbone, f) for f in targets]  # the head's targets and context in its own space
+        context = self.global_context(batch, b, t, space, [self.head_space(backbone, f) for f in images]
+                                      if images_real else [], backbone.image_token_id)
         predicted = self.head(hidden[b, t - 1].view(-1, k, hidden.shape[-1]), *context)  # (s, k * per, d_v)
         embedded = backbone.project_vision_features(predicted.flatten(0, 1))  # (s * k, hidden)
-        losses["latent_vit"] = F.l1_loss(predicted.float(), torch.stack(targets).float())
+        losses["latent_vit"] = F.l1_loss(self.head_space(backbone, predicted).float(), torch.stack(space).float())
         losses["latent_embed"] = F.l1_loss(embedded.float(), target_embeds.float())
         return losses
 
@@ -333,8 +395,9 @@ class Sketchpad(LatentMethod):
         if batch.get("pixel_values") is not None:
             feats = backbone.vision_features(batch["pixel_values"], batch["image_grid_thw"])
             for row, _, f in zip(*image_rows(batch["input_ids"], backbone.image_token_id), feats):
-                context[row].append(f)
+                context[row].append(self.head_space(backbone, f))
         return SketchState(project=backbone.project_vision_features, context=context,
+                           space=lambda f: self.head_space(backbone, f).to(f.dtype),
                            hidden=[[] for _ in range(n)], features=[None] * n)
 
     def next_latent(self, hidden, context: LatentContext | None = None):
@@ -362,7 +425,7 @@ class Sketchpad(LatentMethod):
         out = self.head(local, ctx, mask)  # (m, max_len * per, d_v)
         new = []
         for i, r in enumerate(rows):
-            state.features[r] = out[i, : lengths[i] * per]
+            state.features[r] = state.space(out[i, : lengths[i] * per])  # what the decoder and later sketches see
             new.append(out[i, (lengths[i] - 1) * per : lengths[i] * per])
         return state.project(torch.cat(new)).to(hidden.dtype)  # (m, hidden)
 
@@ -384,7 +447,7 @@ class Sketchpad(LatentMethod):
             with torch.no_grad():
                 feats = backbone.vision_features(rollouts.pixel_values, rollouts.image_grid_thw)
             for row, _, f in zip(*image_rows(rollouts.prompt_ids, backbone.image_token_id), feats):
-                context[row].append(f)
+                context[row].append(self.head_space(backbone, f))
         pieces = []
         for features, row in zip(rollouts.segment_features, rollouts.latent_mask.nonzero()[::k, 0].tolist()):
             pieces.append(list(context[row]))
