@@ -99,9 +99,17 @@ def draw_scene(things) -> tuple[Image.Image, Image.Image]:
     return image, ids
 
 
-def mark(image: Image.Image, points) -> None:
-    """Draw the points A, B, ... as white dots with a black label tag."""
+def mark(image: Image.Image, points, size: int = 0) -> None:
+    """Draw the points A, B, ... as white dots with a black label tag, or (``size`` > 0) as discs of that diameter
+    centred on the points, A white and B black with the letter inside, large enough for a coarse vision grid."""
     d = ImageDraw.Draw(image)
+    if size:
+        font = ImageFont.load_default(max(8, size * 2 // 3))
+        for (label, fill, ink), (x, y) in zip((("A", "white", "black"), ("B", "black", "white")), points):
+            r = size // 2
+            d.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=ink, width=max(1, size // 10))
+            d.text((x, y), label, fill=ink, font=font, anchor="mm")
+        return
     font = ImageFont.load_default(11)
     for label, (x, y) in zip("AB", points):
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(255, 255, 255), outline=(0, 0, 0))
@@ -128,11 +136,11 @@ def sample(rng, target, objects: tuple[int, int]) -> Scene | None:
     return Scene(things, (near, far) if target[1] == "A" else (far, near), target[1])
 
 
-def render(s: Scene, rid: str, writer: common.DatasetWriter) -> dict:
+def render(s: Scene, rid: str, writer: common.DatasetWriter, marker: int = 0) -> dict:
     scene, depth, ids = Image.new("RGB", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE))
     paint(s.things, scene, depth, ids)
     facts = [depth_at(s.things, ids, p) for p in s.points]
-    mark(scene, s.points)
+    mark(scene, s.points, marker)
     images = [writer.save(scene, rid), writer.save(depth, f"{rid}-depth")]
     other = "B" if s.answer == "A" else "A"
     where = [f"point {label} lies on {what} at depth {dist:.1f}" for label, (dist, what) in zip("AB", facts)]
@@ -152,12 +160,15 @@ def parser():
     p = common.synthetic_parser("depth", __doc__)
     p.add_argument("--objects", type=common.int_range(1, 10), default="3-6", metavar="N|MIN-MAX",
                    help="objects per scene")
+    p.add_argument("--marker", type=int, choices=range(0, 41), default=0, metavar="PX",
+                   help="draw A and B as discs PX wide (A white, B black) instead of dots with label tags (0)")
     return p
 
 
 def build(args) -> None:
     targets = [("closer_point", "A"), ("closer_point", "B")]
-    common.synthesize(args, "depth", VERSION, targets, lambda rng, t: sample(rng, t, args.objects), render)
+    common.synthesize(args, "depth", VERSION, targets, lambda rng, t: sample(rng, t, args.objects),
+                      lambda sc, rid, writer: render(sc, rid, writer, args.marker))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 The map is Mirage's ``map_desc``: rows of 1 (start), 2 (goal), -1 (hole) and 0 (ice); actions are L, R, U, D. Walking
 into a hole or off the grid is unsafe; reaching the goal ends the walk. The helper image is the map with the route
-drawn; for "is it safe?" it follows the walk written out action by action (as in ``meta.text_cot``). Records keep ``meta.map_desc`` so a free-form answer can be checked with ``simulate``.
+drawn; for "is it safe?" it follows the walk written out action by action (as in ``meta.text_cot``), or with
+``--walk drawn`` it stands in for that walk (only the drawn route says where the sequence ends). Records keep ``meta.map_desc`` so a free-form answer can be checked with ``simulate``.
 
     vlatent build-data vsp --out data/vsp --n 1000 --size 3-6 --questions safe,route_mc
 """
@@ -218,7 +219,7 @@ def explain(map_desc, actions: list[str]) -> str:
     return " ".join(words)
 
 
-def render(p: Problem, rid: str, writer: common.DatasetWriter) -> dict:
+def render(p: Problem, rid: str, writer: common.DatasetWriter, walk: str = "words") -> dict:
     plain, routed = draw(p.map_desc, p.actions)
     images = [writer.save(plain, rid), writer.save(routed, f"{rid}-route")]
     outcome = simulate(p.map_desc, p.actions)
@@ -227,9 +228,11 @@ def render(p: Problem, rid: str, writer: common.DatasetWriter) -> dict:
                    "off-grid": "walks off the grid, so it is not safe.",
                    "goal": "reaches the goal without touching a hole, so it is safe.",
                    "stopped": "stays on the ice all the way, so it is safe."}[outcome]
-        # the walk in words (as the text CoT has it), then the drawn walk as the latent step, then the verdict
-        steps = ["Let me walk this sequence on the map.", explain(p.map_desc, p.actions), 1,
-                 f"The drawn route {verdict}"]
+        # the walk in words (as the text CoT has it), then the drawn walk as the latent step, then the verdict;
+        # "drawn": no words between question and drawing, so the verdict can only come from the drawn route
+        walked = ([f"Let me draw the route {','.join(p.actions)} on the map."] if walk == "drawn" else
+                  ["Let me walk this sequence on the map.", explain(p.map_desc, p.actions)])
+        steps = [*walked, 1, f"The drawn route {verdict}"]
         cot = f"{explain(p.map_desc, p.actions)} The sequence {verdict}"
     else:
         steps = ["Let me draw a safe route from S to G on the map.", 1,
@@ -254,11 +257,15 @@ def parser():
                    help="actions in a 'safe' question's sequence (default: 2 to twice the map side)")
     p.add_argument("--questions", type=common.choices_list(QUESTIONS), default=",".join(QUESTIONS),
                    help="question types, comma-separated")
+    p.add_argument("--walk", choices=("words", "drawn"), default="words",
+                   help="'is it safe?' latent records: the walk written out before the drawn route (words) or only "
+                        "the drawn route (drawn: the latent step carries the walk); meta.text_cot is the same")
     return p
 
 
 def build(args) -> None:
-    common.synthesize(args, "vsp", VERSION, targets(args), lambda rng, t: sample(rng, t, args.size, args.length), render)
+    common.synthesize(args, "vsp", VERSION, targets(args), lambda rng, t: sample(rng, t, args.size, args.length),
+                      lambda p, rid, writer: render(p, rid, writer, args.walk))
 
 
 def main(argv: list[str] | None = None) -> int:

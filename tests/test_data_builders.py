@@ -653,3 +653,30 @@ def test_vsp_length_option_bounds_the_safe_questions_sequence(tmp_path):
         # a failing walk may run on for up to 2 actions after it fails
         assert 2 <= len(actions) <= 3 + 2 and (len(actions) <= 3 or vsp.simulate(r["meta"]["map_desc"],
                                                                                actions[:3]) in ("hole", "off-grid"))
+
+
+def test_vsp_walk_drawn_leaves_the_walk_to_the_latent_step(tmp_path):
+    args = ("--size", "4", "--questions", "safe", "--length", "2-3")
+    assert build("vsp", tmp_path / "words", *args, n=12) == 0
+    assert build("vsp", tmp_path / "drawn", *args, "--walk", "drawn", n=12) == 0
+    for words, drawn in zip(load_records(tmp_path / "words", split="train"), load_records(tmp_path / "drawn",
+                                                                                           split="train")):
+        assert drawn["meta"] == words["meta"]  # same problem, same text CoT
+        parts = drawn["messages"][1]["content"]
+        assert [c["type"] for c in parts] == ["text", "latent", "text"]
+        assert parts[0]["text"] == f"Let me draw the route {','.join(drawn['meta']['actions'])} on the map."
+        assert "row" not in parts[0]["text"] and "row" in assistant_text(words)  # no cell named before the drawing
+        assert parts[2]["text"].endswith(f"The answer is {drawn['answer']}.")
+
+
+def test_depth_marker_option_draws_discs_on_the_points(tmp_path):
+    assert build("depth", tmp_path / "d", "--marker", "20", n=8) == 0
+    for r in load_records(tmp_path / "d", split="train"):
+        image = Image.open(tmp_path / "d" / r["images"][0]).convert("L")
+        for label, gray in (("A", 255), ("B", 0)):
+            x, y = r["meta"]["points"][label]
+            # a ring of the disc (7 px from the point: inside the 10 px radius, outside the letter) is all A's white
+            # or all B's black, whatever lies under it
+            ring = [image.getpixel((x + dx, y + dy)) for dx, dy in ((7, 0), (-7, 0), (0, 7), (0, -7))]
+            assert all(abs(v - gray) < 40 for v in ring), (label, ring)
+    assert build("depth", tmp_path / "bad", "--marker", "99", n=8) == 2
