@@ -6,6 +6,7 @@ model loads. Each test names the on-disk state a real fault leaves (see docs/rel
 import json
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -259,17 +260,24 @@ def test_output_dir_that_is_a_file_is_named_before_the_model_loads(tmp_path, tin
 
 def test_read_only_output_dir_is_named_before_the_model_loads(tmp_path, tiny_base, data, capsys):
     cfg = recipe(tmp_path, tiny_base, data)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out").chmod(0o500)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    mounted = False
     try:
-        if os.access(tmp_path / "out", os.W_OK):  # root writes anyway: nothing to refuse
-            pytest.skip("this user can write a read-only folder")
+        if os.access(out, os.W_OK):  # root writes a read-only folder anyway: mount it read-only instead
+            mounted = subprocess.run(["mount", "--bind", str(out), str(out)], capture_output=True).returncode == 0
+            if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", str(out)],
+                                             capture_output=True).returncode:
+                pytest.skip("this user writes read-only folders and cannot mount one read-only")
         assert sft(["--config", cfg]) == 2
     finally:
-        (tmp_path / "out").chmod(0o700)
+        if mounted:
+            subprocess.run(["umount", str(out)], check=True)
+        out.chmod(0o700)
     err = capsys.readouterr().err
-    assert f"output_dir {str(tmp_path / 'out')!r} cannot be written" in err
-    assert "Loading" not in err and "trainable" not in err
+    assert f"output_dir {str(out)!r} cannot be written" in err
+    assert "trainable" not in err  # refused before the model loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------------
