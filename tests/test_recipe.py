@@ -114,6 +114,23 @@ def test_monet_recipes_take_the_released_image_token_budgets_and_labels(tmp_path
     assert [r.method_config["supervise_tags"] for r in recipes] == [False] * 3  # the released labels
 
 
+def test_perception_depth_recipe_takes_the_released_learning_rates_and_embeddings(tmp_path, monkeypatch):
+    """Aurora (finetune_task_lora_depth_annealing.sh, train.py:980-990): LoRA at 2e-4, projector at 2e-5 and trainable,
+    embed_tokens / lm_head fully trainable; a projector rate on a frozen projector, or with frozen embeddings, is
+    refused."""
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe("perception_depth")
+    assert (r.training["learning_rate"], r.multi_modal_projector_lr) == (2e-4, 2e-5)
+    assert not r.freeze_multi_modal_projector
+    assert r.lora["train_embeddings"] is True
+    with pytest.raises(ValueError, match="multi_modal_projector_lr must be > 0, got 0"):
+        load_recipe("perception_depth", ["multi_modal_projector_lr=0"])
+    with pytest.raises(ValueError, match="freeze_multi_modal_projector is true"):
+        load_recipe("perception_depth", ["freeze_multi_modal_projector=true"])
+    with pytest.raises(ValueError, match="lora.train_embeddings trains the whole embed_tokens"):
+        load_recipe("perception_depth", ["freeze_embed_tokens=true"])
+
+
 def test_saved_recipe_is_the_resolved_one(tmp_path, monkeypatch):
     """What a run folder keeps: overrides applied and paths absolute, so it reruns from any folder as it ran."""
     monkeypatch.chdir(tmp_path)

@@ -222,6 +222,40 @@ def test_lora_keeps_learning_the_new_tokens_embeddings_only(tiny_base):
     assert weight.grad[new].abs().min() > 0 and weight.grad[0].abs().max() == 0
 
 
+def test_lora_train_embeddings_trains_every_embedding_row_and_the_head(tiny_base):
+    """Aurora's release under LoRA: embed_tokens and lm_head fully trainable after the resize (train.py:980-990)."""
+    from vlatent.training import LoraSettings, apply_lora
+
+    model = LatentVLM.from_pretrained(tiny_base, method="mirage")
+    apply_lora(model, LoraSettings(r=4, train_embeddings=True))
+    weight = model.backbone.model.get_input_embeddings().weight
+    assert weight.requires_grad and model.backbone.model.get_output_embeddings().weight.requires_grad
+    weight.sum().backward()
+    assert (weight.grad == 1).all()  # no row masked out: every row, the base vocabulary's too, learns
+    layer = model.backbone.model.model.language_model.layers[0].self_attn.q_proj
+    assert not layer.base_layer.weight.requires_grad and layer.lora_A["default"].weight.requires_grad
+
+
+def test_projector_learning_rate_gets_param_groups_of_its_own(tiny_base, tmp_path):
+    """Aurora's release: projector at 2e-5 (mm_projector_lr), everything else (LoRA) at 2e-4 (llava_trainer.py)."""
+    from transformers import TrainingArguments
+
+    from vlatent.training import LatentTrainer, LoraSettings, apply_lora
+
+    model = LatentVLM.from_pretrained(tiny_base, method="mirage")
+    apply_lora(model, LoraSettings(r=4, train_embeddings=True))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=2e-4, weight_decay=0.1, use_cpu=True,
+                             report_to=[], save_strategy="no")
+    optimizer = LatentTrainer(model=model, args=args, projector_lr=2e-5).create_optimizer()
+    projector = {id(p) for m in model.backbone.parts()["multi_modal_projector"] for p in m.parameters()}
+    at = {lr: {id(p) for g in optimizer.param_groups if g["lr"] == lr for p in g["params"]} for lr in (2e-5, 2e-4)}
+    assert at[2e-5] == projector and sum(len(g["params"]) for g in optimizer.param_groups) == len(at[2e-5] | at[2e-4])
+    assert at[2e-4] == {id(p) for p in model.parameters() if p.requires_grad} - projector
+    assert {g["weight_decay"] for g in optimizer.param_groups if g["lr"] == 2e-5} == {0.0, 0.1}  # decay kept
+    plain = LatentTrainer(model=model, args=args).create_optimizer()  # unset: one learning rate
+    assert {g["lr"] for g in plain.param_groups} == {2e-4}
+
+
 def test_freezing_embed_tokens_and_the_projector_norm_as_sketchpad_stage1_releases(tiny_base):
     """Release stage 1: vision tower, merger.ln_q and embed_tokens frozen; merger.mlp, the LM and lm_head train
     (the method's added tokens keep their embedding rows learning)."""

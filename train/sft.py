@@ -25,8 +25,8 @@ from transformers import TrainingArguments, enable_full_determinism, set_seed
 
 from vlatent.data import RecordError, load_records
 from vlatent.model import LatentVLM
-from vlatent.training import (LatentTrainer, LoraSettings, apply_freezing, apply_lora, load_recipe, parameter_counts,
-                              plot_losses)
+from vlatent.training import (LatentTrainer, LoraSettings, apply_freezing, apply_lora, load_deepspeed_config,
+                              load_recipe, parameter_counts, plot_losses)
 from vlatent.training.trainer import (MANIFEST, STAGING, CheckpointError, NonFiniteError, checkpoints,
                                       verify_checkpoint)
 
@@ -187,7 +187,11 @@ def training_arguments(recipe) -> TrainingArguments:
     training = {"logging_steps": 1, "save_strategy": "no",
                 "use_cpu": not torch.cuda.is_available(),  # no GPU: accelerate's multi-CPU (gloo) path
                 **recipe.training}
-    return TrainingArguments(**training, deepspeed=recipe.deepspeed, remove_unused_columns=False)
+    deepspeed = recipe.deepspeed
+    if deepspeed and getattr(recipe, "multi_modal_projector_lr", None) is not None:
+        # DeepSpeed's own optimizer takes one flat parameter list: drop it, so the Trainer builds the param groups
+        deepspeed = {k: v for k, v in load_deepspeed_config(deepspeed).items() if k != "optimizer"}
+    return TrainingArguments(**training, deepspeed=deepspeed, remove_unused_columns=False)
 
 
 def run(trainer, out: Path, recipe, world_size: int, last: str | None, title: str) -> int:
@@ -249,7 +253,8 @@ def main(argv=None) -> int:
 
     train_data, sampler = model.method.training_data(train_records, seed=seed)  # the records, or views + schedule
     trainer = LatentTrainer(model=model, args=training_arguments(recipe), train_dataset=train_data,
-                            eval_dataset=eval_records, data_collator=collator, train_sampler=sampler)
+                            eval_dataset=eval_records, data_collator=collator, train_sampler=sampler,
+                            projector_lr=recipe.multi_modal_projector_lr)
     return run(trainer, out, recipe, world_size, last, title=f"{model.method.name} SFT")
 
 

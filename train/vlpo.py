@@ -32,6 +32,9 @@ def check_recipe(recipe) -> VLPOConfig:
     if unused:
         raise ValueError(f"{where}: data.{unused[0]} is not used by VLPO (prompts come from data.train; "
                          "completions are bounded by vlpo.max_completion_length)")
+    if recipe.multi_modal_projector_lr is not None:
+        raise ValueError(f"{where}: multi_modal_projector_lr is SFT only (unset it; VLPO trains at "
+                         "training.learning_rate)")
     return VLPOConfig.from_dict(recipe.vlpo, f"{where} vlpo")
 
 

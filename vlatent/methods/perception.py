@@ -22,8 +22,8 @@ chain of thought with the tokens); index n + i is its perception view (the quest
 the question + ``box_prompt``, and the segment alone as the answer). In epoch e a record is drawn as its chain of
 thought with probability ``curriculum_start + (curriculum_end - curriculum_start) * min(1, e / curriculum_epochs)``,
 else as its perception view; ``curriculum_epochs: 0`` trains on the records as they are. LoRA or full fine-tuning is
-the recipe's ``lora`` entry (``vlatent.training.lora``; it freezes the decoder's input embeddings, so under LoRA the
-new tokens keep their mean-initialised input rows and are learned through the adapters and the LM head).
+the recipe's ``lora`` entry (``vlatent.training.lora``): under LoRA the LM head and the new tokens' rows of
+embed_tokens train beside the adapters; ``lora.train_embeddings`` trains all of embed_tokens too (Aurora's release).
 
 Choices the paper leaves open: the tokens are written without spaces between them (each is one token either way);
 box coordinates are corners in ``box_bins`` bins (Aurora's counting data writes boxes as tokens too); code ids are

@@ -20,6 +20,9 @@ class LoraSettings:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # True: the whole embed_tokens and lm_head train beside the adapters (Aurora's release); False: only the rows of
+    # the method's added tokens in embed_tokens (the LM head keeps what the freezing switches said)
+    train_embeddings: bool = False
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "lora") -> "LoraSettings":
@@ -35,8 +38,8 @@ class LoraSettings:
 
 def apply_lora(model, settings: LoraSettings) -> int:
     """Inject LoRA adapters into the language model and freeze its base weights, except the embedding rows of the
-    method's new tokens; returns the adapted layer count. The vision tower, projector, LM head and the method's
-    modules keep whatever the freezing switches said."""
+    method's new tokens (``train_embeddings``: all of ``embed_tokens`` and the LM head); returns the adapted layer
+    count. The vision tower, projector, LM head and the method's modules keep whatever the freezing switches said."""
     from peft import LoraConfig, inject_adapter_in_model
 
     lm = model.backbone.parts()["language_model"][0]  # the decoder stack (the LM head stays as it is)
@@ -47,7 +50,11 @@ def apply_lora(model, settings: LoraSettings) -> int:
     lm.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                                        target_modules=settings.target_modules), lm)
-    train_new_token_rows(model)  # after the injection, which leaves only the adapters trainable inside ``lm``
+    if settings.train_embeddings:  # after the injection, which leaves only the adapters trainable inside ``lm``
+        model.backbone.model.get_input_embeddings().weight.requires_grad_(True)
+        model.backbone.model.get_output_embeddings().weight.requires_grad_(True)
+    else:
+        train_new_token_rows(model)
     model.lora = settings
     return sum(1 for n, _ in lm.named_modules() if n.endswith(".lora_A"))
 

@@ -63,6 +63,7 @@ class Recipe:
     freeze_embed_tokens: bool = False  # the base vocabulary's input embeddings (added tokens' rows still learn)
     freeze_projector_norm: bool = False  # the projector's norm (Qwen: merger.ln_q), so only its MLP trains
     lora: dict | None = None  # LoRA on the language model (peft LoraConfig names: r, lora_alpha, ...); None = full
+    multi_modal_projector_lr: float | None = None  # the projector's own learning rate (Aurora); None: training's
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None keeps the checkpoint's
     attn_implementation: str | None = None  # "eager", "sdpa", "flash_attention_2", ...; None: transformers' choice
     deepspeed: str | None = None  # a DeepSpeed JSON: a path or a shipped name (zero2, zero3, zero3_offload)
@@ -100,9 +101,9 @@ RANGES = {
     "data.max_length": (lambda v: v is None or v >= 1, ">= 1"),
     "data.min_pixels": (lambda v: v is None or v >= 1, ">= 1"),
     "data.max_pixels": (lambda v: v is None or v >= 1, ">= 1"),
+    "data.image_token_budget": (lambda v: v is None or v >= 1, ">= 1"),
 }
 
-    "data.image_token_budget": (lambda v: v is None or v >= 1, ">= 1"),
 
 def _get(tree: dict, dotted: str):
     for k in dotted.split("."):
@@ -203,7 +204,17 @@ def _validate(r: Recipe, where: str) -> None:
         if value is not None and not ok(value):
             raise ValueError(f"recipe {where}: {key} must be {what}, got {value!r}")
     if r.lora is not None:
-        LoraSettings.from_dict(r.lora, where=f"recipe {where} lora")
+        lora = LoraSettings.from_dict(r.lora, where=f"recipe {where} lora")
+        if lora.train_embeddings and r.freeze_embed_tokens:
+            raise ValueError(f"recipe {where}: lora.train_embeddings trains the whole embed_tokens, which "
+                             "freeze_embed_tokens freezes (unset one)")
+    if r.multi_modal_projector_lr is not None:
+        if not r.multi_modal_projector_lr > 0:
+            raise ValueError(f"recipe {where}: multi_modal_projector_lr must be > 0, "
+                             f"got {r.multi_modal_projector_lr!r}")
+        if r.freeze_multi_modal_projector:
+            raise ValueError(f"recipe {where}: multi_modal_projector_lr is set but freeze_multi_modal_projector is "
+                             "true: the projector would not train (unset one)")
     if r.dtype not in (None, "bfloat16", "float16", "float32"):
         raise ValueError(f"recipe {where}: dtype must be bfloat16, float16 or float32, got {r.dtype!r}")
     if r.deepspeed is not None:

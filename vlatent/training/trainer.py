@@ -134,13 +134,31 @@ def parameter_counts(model) -> dict[str, int]:
 class LatentTrainer(Trainer):
     """Trains ``LatentVLM.forward(batch)``; logs ``loss_<name>`` for each of the method's named losses."""
 
-    def __init__(self, *args, train_sampler=None, **kwargs):
+    def __init__(self, *args, train_sampler=None, projector_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_sampler = train_sampler  # from ``method.training_data`` (e.g. perception's curriculum)
+        self.projector_lr = projector_lr  # the projector's own learning rate (recipe multi_modal_projector_lr)
         self.run_info: dict = {}  # written into each checkpoint's manifest (train/sft.py: recipe, world size)
         self._staging = False
         self._named: dict[str, torch.Tensor] = {}
         self._named_since = 0
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the projector's parameters (found by identity) moved into param groups of
+        their own at ``projector_lr`` (Aurora's ``mm_projector_lr``: the projector at 2e-5 beside LoRA at 2e-4)."""
+        optimizer = super().create_optimizer(model)
+        if self.projector_lr is None:
+            return optimizer
+        latent_vlm = self.accelerator.unwrap_model(self.model if model is None else model)
+        projector = {id(p) for m in latent_vlm.backbone.parts()["multi_modal_projector"] for p in m.parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            groups.append({**options, "params": [p for p in group["params"] if id(p) not in projector]})
+            groups.append({**options, "params": [p for p in group["params"] if id(p) in projector],
+                           "lr": self.projector_lr})
+        optimizer.param_groups[:] = [g for g in groups if g["params"]]
+        return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
