@@ -185,6 +185,21 @@ def test_head_target_merger_norm_regresses_after_the_mergers_rmsnorm(tiny_base, 
     with pytest.raises(ValueError, match="head_target must be one of vit, merger_norm"):
         LatentVLM.from_pretrained(tiny_base, method="sketchpad", head_target="ln_q", **TINY)
 
+def test_merger_norm_head_hands_decoder_normed_sketches_and_the_encoder_matches(tiny_base):
+    from vlatent.decoders.sketch import BackboneVisionEncoder
+
+    torch.manual_seed(0)
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, head_target="merger_norm", **TINY).eval()
+    ln_q = model.backbone.model.model.visual.merger.ln_q
+    segment = model.generate([tiny_image(0)], ["Where next?"], max_new_tokens=6, prefix="<|latent_start|>")[0] \
+        .latent_segments[0]
+    unit = segment.features.float() / ln_q.weight.float()  # after an RMSNorm: each row at RMS 1 before its weight
+    torch.testing.assert_close(unit.pow(2).mean(-1), torch.ones(unit.shape[0]), atol=1e-3, rtol=1e-3)
+    encoder = BackboneVisionEncoder(model.backbone, model.processor, 56, norm=True)  # train/sketch_decoder.py's
+    raw = BackboneVisionEncoder(model.backbone, model.processor, 56)
+    picture = tiny_image(1)
+    torch.testing.assert_close(encoder([picture]), ln_q(raw([picture])).float())
+
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory, tiny_base, maze):
     """A sketch decoder for the tiny ViT at the method's 56 px, trained briefly by its script on maze sketches."""

@@ -6,7 +6,8 @@
         --encoder-image-size 224 --vae stabilityai/sd-vae-ft-mse --out runs/sketch_decoder_clip
 
 The encoder is frozen: a VLM's own ViT before the merger (a directory or hub id; the features the ``sketchpad`` method
-generates, on pictures resized to its ``sketch_size`` = ``--encoder-image-size``) or an OpenCLIP ViT. Without
+generates, on pictures resized to its ``sketch_size`` = ``--encoder-image-size``; after the merger's norm with
+``--encoder-norm``, for a ``head_target: merger_norm`` head) or an OpenCLIP ViT. Without
 ``--vae`` a small ``AutoencoderKL`` is trained first (L1 + KL, foreground pixels up-weighted); then the aligner learns
 to map each image's features to the VAE's latent mean (MSE), optionally also through the frozen VAE decoder to the
 pixels (``--pixel-weight``). A held-out share of the images is never trained on: the decoder reconstructs them from
@@ -38,6 +39,8 @@ def parse_args(argv):
     ap.add_argument("--pattern", default="*", help="file name glob inside --images, e.g. '*-step*.png' (default: all)")
     ap.add_argument("--encoder", required=True, help="a VLM directory / hub id, or open_clip:ARCH[:PRETRAINED]")
     ap.add_argument("--encoder-image-size", type=int, default=448, help="px the encoder sees (sketchpad sketch_size)")
+    ap.add_argument("--encoder-norm", action="store_true",
+                    help="features after the merger's norm (for a sketchpad head trained with head_target merger_norm)")
     ap.add_argument("--out", required=True, help="output decoder directory")
     ap.add_argument("--image-size", type=int, default=112, help="px of the decoded pictures")
     ap.add_argument("--vae", default=None, help="pretrained AutoencoderKL (hub id, directory, or ID:SUBFOLDER); "
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
     test_files, train_files = [files[i] for i in order[:n_test]], [files[i] for i in order[n_test:]]
 
     started = time.time()
-    encoder = load_vision_encoder(args.encoder, args.encoder_image_size)
+    encoder = load_vision_encoder(args.encoder, args.encoder_image_size, args.encoder_norm)
     pictures, features = {}, {}
     for split, names in (("train", train_files), ("test", test_files)):
         feats, pics = [], []
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
 
     config = SketchDecoderConfig(feature_dim=f_train.shape[2], num_features=f_train.shape[1],
                                  image_size=args.image_size, encoder=args.encoder,
-                                 encoder_image_size=args.encoder_image_size, vae=args.vae,
+                                 encoder_image_size=args.encoder_image_size, encoder_norm=args.encoder_norm,
+                                 vae=args.vae,
                                  vae_block_out_channels=channels)
     decoder = SketchDecoder(config, vae)
     log = []

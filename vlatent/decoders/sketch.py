@@ -44,6 +44,7 @@ class SketchDecoderConfig:
     image_size: int = 112  # output pictures are image_size x image_size px
     encoder: str | None = None  # what made the features: a VLM directory / hub id, or "open_clip:ARCH[:PRETRAINED]"
     encoder_image_size: int = 448  # px the encoder saw (the sketchpad method's sketch_size)
+    encoder_norm: bool = False  # features after the merger's norm (a sketchpad head_target="merger_norm" draws them)
     vae: str | None = None  # a pretrained AutoencoderKL (hub id or directory); None: the small one trained, in vae/
     vae_block_out_channels: tuple[int, ...] = (16, 32, 32, 32)  # small VAE: one entry per resolution (8x down)
     vae_latent_channels: int = 4
@@ -206,14 +207,17 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 # -- vision encoders the decoder can be trained for ----------------------------------------------------------------
 class BackboneVisionEncoder:
     """A VLM's own vision encoder before the merger (``backbone.vision_features``) on pictures resized to
-    ``image_size`` px, exactly as the sketchpad method sees its helper images: ``images -> (b, n, d)``."""
+    ``image_size`` px, exactly as the sketchpad method sees its helper images: ``images -> (b, n, d)``; ``norm=True``
+    adds the merger's norm (``backbone.vision_feature_norm``), the space of a ``head_target="merger_norm"`` head."""
 
-    def __init__(self, backbone, processor, image_size: int):
-        self.backbone, self.processor, self.image_size = backbone, processor, image_size
+    def __init__(self, backbone, processor, image_size: int, norm: bool = False):
+        if norm and backbone.vision_feature_norm is None:
+            raise ValueError(f"encoder norm: {backbone.family}'s projector has no per-vector norm")
+        self.backbone, self.processor, self.image_size, self.norm = backbone, processor, image_size, norm
         self.feature_dim = backbone.vision_feature_size
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, image_size: int) -> "BackboneVisionEncoder":
+    def from_pretrained(cls, path_or_hub_id: str, image_size: int, norm: bool = False) -> "BackboneVisionEncoder":
         from transformers import AutoConfig, AutoProcessor
 
         from ..backbones import backbone_class
@@ -224,7 +228,7 @@ class BackboneVisionEncoder:
             raise FileNotFoundError(f"encoder {path_or_hub_id!r} is not a VLM directory or hub id: {e}") from e
         adapter = backbone_class(config.model_type)
         model = adapter.model_class.from_pretrained(path_or_hub_id).eval()
-        return cls(adapter(model), AutoProcessor.from_pretrained(path_or_hub_id), image_size)
+        return cls(adapter(model), AutoProcessor.from_pretrained(path_or_hub_id), image_size, norm)
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
@@ -235,7 +239,11 @@ class BackboneVisionEncoder:
                                                       for im in images],
                                      type(self.backbone).fixed_size_images_kwargs(self.processor, s))
         device = self.backbone.model.device
-        return torch.stack(self.backbone.vision_features(pixels.to(device), grid.to(device))).float()
+        features = torch.stack(self.backbone.vision_features(pixels.to(device), grid.to(device)))
+        if self.norm:
+            norm = self.backbone.vision_feature_norm
+            features = norm(features.type(norm.weight.dtype))
+        return features.float()
 
 
 class OpenClipVisionEncoder:
@@ -261,8 +269,11 @@ class OpenClipVisionEncoder:
         return tokens.float()  # (b, grid * grid, width)
 
 
-def load_vision_encoder(spec: str, image_size: int):
-    """``open_clip:ARCH[:PRETRAINED]`` -> an OpenCLIP ViT; anything else -> that VLM's own ViT (directory or hub id)."""
+def load_vision_encoder(spec: str, image_size: int, norm: bool = False):
+    """``open_clip:ARCH[:PRETRAINED]`` -> an OpenCLIP ViT; anything else -> that VLM's own ViT (directory or hub id),
+    after its merger's norm with ``norm=True``."""
     if spec.startswith(OPEN_CLIP):
+        if norm:
+            raise ValueError("encoder norm is the VLM merger's norm; an OpenCLIP encoder has none")
         return OpenClipVisionEncoder(spec, image_size)
-    return BackboneVisionEncoder.from_pretrained(spec, image_size)
+    return BackboneVisionEncoder.from_pretrained(spec, image_size, norm)
