@@ -193,6 +193,33 @@ def test_curriculum_anneals_from_perception_views_to_reasoning(model, depth_data
     assert view["messages"][0]["content"][-1]["text"] == method.config.depth_prompt
 
 
+def test_curriculum_as_released_direct_answer_copies_and_the_1_to_0_1_schedule(model, depth_data):
+    """Release (AiT/vae/create_depth_annealing_data.ipynb): 10 epochs, perception share 1.0, 0.9, ..., 0.1; the
+    reasoning share half direct-answer copies, half chain of thought."""
+    schedule = CurriculumSampler([True] * 4, epochs=9, start=0.0, end=0.9)
+    shares = [round(1 - schedule.cot_share(e), 6) for e in range(10)]
+    assert shares == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    n = 400
+    has_direct = [True] * (n // 2) + [False] * (n // 2)
+    sampler = CurriculumSampler([True] * n, epochs=1, start=1.0, end=1.0, has_direct=has_direct)
+    picks = list(sampler)
+    assert sorted(i % n for i in picks) == list(range(n)) and not any(n <= i < 2 * n for i in picks)
+    direct = [i - 2 * n for i in picks if i >= 2 * n]
+    assert all(i < n // 2 for i in direct) and 70 < len(direct) < 130  # about half of the 200 that have a copy
+    records = load_records(depth_data / "train.jsonl")
+    method = model.method
+    method.config.curriculum_epochs, method.config.curriculum_direct_answer = 2, True
+    try:
+        data, sampler = method.training_data(records)
+    finally:
+        method.config.curriculum_epochs, method.config.curriculum_direct_answer = 0, False
+    m = len(records)
+    assert len(data) == 3 * m and sampler.has_direct.all()
+    copy = data[2 * m]
+    assert copy["id"] == records[0]["id"] + "#direct" and copy["messages"][0] == records[0]["messages"][0]
+    assert copy["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": records[0]["answer"]}]}
+
+
 def test_checkpoint_carries_its_tokenizer(model, tmp_path):
     out = model.save_pretrained(tmp_path / "ckpt")
     assert (out / "decoder" / "decoder_config.json").is_file()

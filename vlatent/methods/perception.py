@@ -21,7 +21,9 @@ on disk and reads it sequentially): here a sampler over on-the-fly views of the 
 chain of thought with the tokens); index n + i is its perception view (the question's images, ``depth_prompt`` or
 the question + ``box_prompt``, and the segment alone as the answer). In epoch e a record is drawn as its chain of
 thought with probability ``curriculum_start + (curriculum_end - curriculum_start) * min(1, e / curriculum_epochs)``,
-else as its perception view; ``curriculum_epochs: 0`` trains on the records as they are. LoRA or full fine-tuning is
+else as its perception view; ``curriculum_epochs: 0`` trains on the records as they are. With
+``curriculum_direct_answer`` a record drawn for reasoning is, half the time, its direct-answer copy (index 2n + i:
+the question, ``answer`` alone as the reply), as the release's annealing file mixes the two. LoRA or full fine-tuning is
 the recipe's ``lora`` entry (``vlatent.training.lora``): under LoRA the LM head and the new tokens' rows of
 embed_tokens train beside the adapters; ``lora.train_embeddings`` trains all of embed_tokens too (Aurora's release).
 
@@ -65,6 +67,9 @@ class PerceptionConfig(MethodConfig):
     curriculum_epochs: int = 0  # epochs over which the share of chain-of-thought records anneals; 0: no curriculum
     curriculum_start: float = 0.0  # share of chain-of-thought records in epoch 0 (the rest: perception views)
     curriculum_end: float = 1.0  # ... and from epoch curriculum_epochs on
+    # True: a record drawn for reasoning is, half the time, its direct-answer copy (question -> ``answer`` only), as the
+    # release's annealing file mixes direct-labelling and CoT copies (AiT/vae/create_depth_annealing_data.ipynb)
+    curriculum_direct_answer: bool = False
     depth_start_id: int | None = None
     depth_end_id: int | None = None
     depth_code_id: int | None = None  # id of <DEPTH_0>; the codes follow contiguously
@@ -96,26 +101,32 @@ def draw_boxes(boxes: torch.Tensor, image: Image.Image) -> Image.Image:
 
 
 class PerceptionViews(Dataset):
-    """The records (index i) and their perception views (index n + i), built when read: nothing is copied."""
+    """The records (index i), their perception views (index n + i) and, with ``direct``, their direct-answer copies
+    (index 2n + i), built when read: nothing is copied."""
 
-    def __init__(self, records: list[dict], view):
-        self.records, self.view = records, view
+    def __init__(self, records: list[dict], view, direct=None):
+        self.records, self.view, self.direct = records, view, direct
 
     def __len__(self) -> int:
-        return 2 * len(self.records)
+        return (2 if self.direct is None else 3) * len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         n = len(self.records)
-        return self.records[i] if i < n else self.view(self.records[i - n])
+        if i < n:
+            return self.records[i]
+        return self.view(self.records[i - n]) if i < 2 * n else self.direct(self.records[i - 2 * n])
 
 
 class CurriculumSampler(Sampler[int]):
     """One pass over the records per epoch, each drawn as its chain of thought with the epoch's share (annealed
     linearly over ``epochs``) and otherwise as its perception view; records without a segment always as themselves.
-    Deterministic in (seed, epoch), so every rank draws the same order (the Trainer calls ``set_epoch``)."""
+    Deterministic in (seed, epoch), so every rank draws the same order (the Trainer calls ``set_epoch``).
+    ``has_direct``: records drawn for reasoning are, with probability 1/2, their direct-answer copy (index 2n + i)."""
 
-    def __init__(self, has_view: list[bool], epochs: int, start: float, end: float, seed: int = 0):
+    def __init__(self, has_view: list[bool], epochs: int, start: float, end: float, seed: int = 0,
+                 has_direct: list[bool] | None = None):
         self.has_view = torch.tensor(has_view, dtype=torch.bool)
+        self.has_direct = None if has_direct is None else torch.tensor(has_direct, dtype=torch.bool)
         self.epochs, self.start, self.end, self.seed = epochs, start, end, seed
         self.epoch = 0
 
@@ -133,7 +144,11 @@ class CurriculumSampler(Sampler[int]):
         n = len(self.has_view)
         order = torch.randperm(n, generator=g)
         as_view = (torch.rand(n, generator=g) >= self.cot_share(self.epoch)) & self.has_view[order]
-        return iter((order + n * as_view.long()).tolist())
+        index = order + n * as_view.long()
+        if self.has_direct is not None:
+            as_direct = (torch.rand(n, generator=g) < 0.5) & ~as_view & self.has_direct[order]
+            index = torch.where(as_direct, order + 2 * n, index)
+        return iter(index.tolist())
 
 
 @register_method
@@ -268,14 +283,25 @@ class Perception(LatentMethod):
         return {**record, "id": f"{record['id']}#perception",
                 "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": [latent]}]}
 
+    def direct_answer_view(self, record: dict) -> dict:
+        """The record's question with its ``answer`` alone as the reply (the release's direct-labelling copy)."""
+        user = next(m for m in record["messages"] if m["role"] == "user")
+        return {**record, "id": f"{record['id']}#direct", "messages": [
+            user, {"role": "assistant", "content": [{"type": "text", "text": str(record["answer"])}]}]}
+
     def training_data(self, records: list[dict], seed: int = 0):
         c = self.config
         if c.curriculum_epochs == 0:
             return records, None
         has_view = [any(it["type"] == "latent" for m in r["messages"] if m["role"] == "assistant"
                         for it in m["content"]) for r in records]
-        sampler = CurriculumSampler(has_view, c.curriculum_epochs, c.curriculum_start, c.curriculum_end)
-        return PerceptionViews(records, self.perception_view), sampler
+        has_direct = None
+        if c.curriculum_direct_answer:
+            has_direct = [v and r.get("answer") not in (None, "") for v, r in zip(has_view, records)]
+        sampler = CurriculumSampler(has_view, c.curriculum_epochs, c.curriculum_start, c.curriculum_end,
+                                    has_direct=has_direct)
+        direct = self.direct_answer_view if c.curriculum_direct_answer else None
+        return PerceptionViews(records, self.perception_view, direct), sampler
 
     # -- training ---------------------------------------------------------------------------------------
     def training_losses(self, model, batch):
