@@ -17,6 +17,7 @@ same, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing
 import os
@@ -39,7 +40,7 @@ TASKS = {  # builder arguments: fixed question type and size per task (4x4: one 
     "maze": ["--size", "4", "--questions", "first_move", "--wall", "6"],
     "vsp": ["--size", "4", "--questions", "safe", "--length", "2-3"],
     "jigsaw": ["--grid", "2"],
-    "depth": [],
+    "depth": ["--marker", "24"],  # A and B as discs: the default 6 px dots and labels vanish into one 28 px token
 }
 BUDGETS = {
     # examples: seen per arm (over all its stages); n: built per task (train/val/test split 80/10/10);
@@ -73,12 +74,32 @@ def load_arm(name: str, arms_dir: Path = ARMS_DIR) -> dict:
 
 # -- data ----------------------------------------------------------------------------------------------------------
 def build_task(task: str, root: Path, n: int, seed: int = 0, split: str = "0.8,0.1,0.1", name: str = "data") -> Path:
+    """The task's data under ``root/name``, built once; rebuilt, and the task's finished jobs dropped, when the
+    folder was built with other builder arguments (an edited ``TASKS`` entry)."""
     out = root / name / task
-    if not (out / "dataset_info.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "data_builders", task, "--out", str(out), "--n", str(n), "--seed",
-                        str(seed), "--split", split, *TASKS[task]], check=True, cwd=ROOT, capture_output=True)
+    argv = ["--out", str(out), "--n", str(n), "--seed", str(seed), "--split", split, *TASKS[task]]
+    if (out / "dataset_info.json").is_file():
+        if built_with(task, out, argv):
+            return out
+        print(f"{out}: built with other arguments than {' '.join(TASKS[task])!r}: rebuilding it and rerunning its "
+              "jobs", flush=True)
+        shutil.rmtree(out)
+        for stale in (root / "runs").glob(f"*/{task}"):
+            shutil.rmtree(stale)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "data_builders", task, *argv], check=True, cwd=ROOT, capture_output=True)
     return out
+
+
+def built_with(task: str, out: Path, argv: list[str]) -> bool:
+    """Whether ``out``'s dataset_info.json records the arguments ``argv`` parse to (an option newer than the folder
+    counts as its default)."""
+    parser = importlib.import_module(f"data_builders.{task}").parser()
+    plain = lambda ns: {k: v for k, v in json.loads(json.dumps(vars(ns), default=str)).items()  # noqa: E731
+                        if k not in ("out", "overwrite")}
+    defaults = plain(parser.parse_args(argv[:8]))  # --out, --n, --seed, --split
+    recorded = json.loads((out / "dataset_info.json").read_text())["arguments"]
+    return {**defaults, **{k: v for k, v in recorded.items() if k in defaults}} == plain(parser.parse_args(argv))
 
 
 def prepare(arm: dict, data: Path) -> None:
