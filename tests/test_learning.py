@@ -22,6 +22,23 @@ RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze"
                                       {"type": "text", "text": "Left turn. The answer is B."}]}]}
 
 
+def test_task_data_built_with_other_arguments_is_rebuilt_and_its_jobs_dropped(tmp_path, monkeypatch):
+    monkeypatch.setitem(learning.TASKS, "depth", [])
+    data = learning.build_task("depth", tmp_path, n=10)
+    kept, stale = tmp_path / "runs" / "text_direct" / "maze", tmp_path / "runs" / "text_direct" / "depth"
+    for folder in (kept, stale):
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text("{}")
+    first = (data / "train.jsonl").stat().st_mtime_ns
+    assert learning.build_task("depth", tmp_path, n=10) == data and (data / "train.jsonl").stat().st_mtime_ns == first
+    assert stale.is_dir()  # same arguments: reused
+
+    monkeypatch.setitem(learning.TASKS, "depth", ["--marker", "24"])
+    learning.build_task("depth", tmp_path, n=10)
+    info = json.loads((data / "dataset_info.json").read_text())
+    assert info["arguments"]["marker"] == 24
+    assert not stale.exists() and (kept / "result.json").is_file()  # only the rebuilt task's jobs go
+
 def test_record_views():
     assert present([RECORD], "as_built") == [RECORD]
     direct = present([RECORD], "answer_only")[0]
