@@ -5,7 +5,7 @@ from pathlib import Path
 
 from vlatent.generation import Generation
 from vlatent.training.rewards import (boxed_accuracy_reward, boxed_format_reward, last_boxed, length_penalty_reward,
-                                      score_completions, get_reward)
+                                      repeats_itself, repetition_penalty_reward, score_completions, get_reward)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the apps are not installed packages
@@ -57,5 +57,31 @@ def test_monet_recipe_uses_the_released_reward():
     from vlatent.training import load_recipe
 
     config = check_recipe(load_recipe(ROOT / "train" / "recipes" / "vlpo_monet.yaml"))
-    assert config.reward_funcs == ["boxed_accuracy", "boxed_format", "length_penalty"]
-    assert config.reward_weights == [0.9, 0.1, 0.001] and config.top_p == 0.99 and not config.latent_exploration
+    assert config.reward_funcs == ["boxed_accuracy", "boxed_format", "length_penalty", "repetition_penalty"]
+    assert config.reward_weights == [0.9, 0.1, 0.001, 0.9] and config.top_p == 0.99 and not config.latent_exploration
+    assert config.difficulty_filter and config.difficulty_threshold == 0.6 and config.difficulty_reward == "boxed_accuracy"
+
+
+def test_repeats_itself_counts_sentences_of_three_words():
+    loop = "The pattern in the bottom row is  increasing. "
+    assert repeats_itself(loop * 3) and not repeats_itself(loop * 2)
+    assert repeats_itself("So it is B.\nso  IT is b! So it is B?")  # case, spaces and end marks ignored
+    assert not repeats_itself("Yes. Yes. Yes. Yes.")  # sentences under 3 words do not count
+
+
+def test_repetition_penalty_hits_only_wrong_repetitive_answers():
+    loop = "The row grows by one. " * 3
+    completions = [loop + r"\boxed{B}", loop + r"\boxed{A}", r"It grows. \boxed{B}", "x"]
+    assert repetition_penalty_reward(completions, ["A", "A", "A", None]) == [-1.0, 0.0, 0.0, None]
+
+
+def test_repetition_penalty_weighted_as_released():
+    """A wrong, repetitive boxed answer: the release's accuracy -1 -> 0.9 x -1 + 0.1 x 1 = -0.8."""
+    names = ["boxed_accuracy", "boxed_format", "length_penalty", "repetition_penalty"]
+    weights = [0.9, 0.1, 0.001, 0.9]
+    completions = ["It is one. " * 3 + r"\boxed{1}", "It is one. " * 3 + r"\boxed{3}", r"\boxed{1}"]
+    columns = {"answer": ["3"] * 3, "options": [None] * 3, "question_type": [None] * 3, "id": ["a", "b", "c"],
+               "generations": [Generation(num_steps=10)] * 3, "meta": [{}] * 3}
+    table = score_completions([get_reward(n) for n in names], names, completions, columns)
+    total = [sum(w * v for w, v in zip(weights, row) if v == v) for row in table]
+    assert [round(t, 9) for t in total] == [-0.8, 1.0, 0.1]

@@ -25,6 +25,11 @@ Monet's released RL reward (NOVAglow646/Monet@0893999 RL/examples/reward_functio
 - ``boxed_format`` (1.0 / 0.0): a ``\boxed{...}`` occurs, after spaces around ``<``, ``>``, ``/`` are removed.
 - ``length_penalty`` (<= 0): ``-(steps - reference)`` where the completion's generated steps exceed
   ``meta.reference_length`` (a positive reference length; ``None`` without one).
+- ``repetition_penalty`` (-1.0 / 0.0): -1 where a wrong completion (``boxed_accuracy`` 0) repeats itself: a sentence
+  (text between ``.``, ``!``, ``?`` or newlines, spaces collapsed, at least 3 words) occurs ``REPETITIONS`` (3) times
+  or more. The release asks an API model whether a wrong answer "contains repeatedly illogical contents" and then
+  scores its accuracy -1 instead of 0 (RL/tools/api_judge.py:20-28, 89-96; monet_reward_function.py:240-244), i.e.
+  -0.9 on the total: weight this reward 0.9 beside ``boxed_accuracy``. The rule here stands in for that judge.
 
 Register your own with ``@register_reward("name")`` (or name a ``module:function`` in the recipe).
 """
@@ -148,6 +153,32 @@ def length_penalty_reward(completions: list[str], generations: list, meta: list,
         reference = (m or {}).get("reference_length")
         out.append(None if not reference or reference <= 0 else -float(max(g.num_steps - reference, 0)))
     return out
+
+
+REPETITIONS = 3  # a sentence this many times makes a completion repetitive
+_SENTENCE_END = re.compile(r"[.!?\n]+")
+
+
+def repeats_itself(text: str, times: int = REPETITIONS) -> bool:
+    """Whether a sentence of at least 3 words occurs ``times`` times or more in ``text`` (case and spaces ignored)."""
+    counts: dict[str, int] = {}
+    for sentence in _SENTENCE_END.split(text):
+        words = sentence.lower().split()
+        if len(words) >= 3:
+            key = " ".join(words)
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] >= times:
+                return True
+    return False
+
+
+@register_reward("repetition_penalty")
+def repetition_penalty_reward(completions: list[str], answer: list, options: list | None = None,
+                              question_type: list | None = None, **kwargs) -> list[float | None]:
+    """-1.0 where the completion is wrong (``boxed_accuracy`` 0) and repeats a sentence, else 0 (Monet's repetition
+    penalty, its API judge's -1 replaced by a rule); ``None`` where the record has no answer."""
+    right = boxed_accuracy_reward(completions, answer, options, question_type)
+    return [None if r is None else -1.0 if r == 0 and repeats_itself(c) else 0.0 for c, r in zip(completions, right)]
 
 
 def score_completions(funcs: list[RewardFunc], names: list[str], completions: list[str],

@@ -45,6 +45,10 @@ Knobs are named as TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_l
   ``updates_per_rollout x num_iterations`` optimizer steps; the rewards of the whole rollout batch are logged at its
   first step. Text log-probs ignore ``top_p`` truncation (as TRL) and a method's ``constrain_logits``.
 - Rewards take the completion's text (latent segments left out) and the record's fields (see ``rewards.py``).
+- ``difficulty_filter`` (Monet's online difficulty sampling): a group whose share of correct rollouts (1.0 under
+  ``difficulty_reward``) is 0 or above ``difficulty_threshold`` leaves the objective (its rows' actions are masked,
+  logged as ``difficulty/groups_dropped``); the update has fewer prompts, where the release refills its batch from a
+  larger pre-generated pool.
 - The KL reference (``beta > 0``) is a frozen full copy of the initial policy on every process (TRL runs it through
   DeepSpeed, partitioned under ZeRO-3): one forward per micro-batch, no all-gathers, one model's memory more.
 
@@ -109,6 +113,9 @@ class VLPOConfig:
     latent_sigma: float = 1.0  # sigma of the Gaussian latent policy N(mu, sigma^2 I)
     latent_exploration: bool = False  # sample latents around mu in rollouts; False: z = mu, as released
     score_latents: bool = True  # latent steps in the objective (VLPO); false: text-only GRPO, latents masked
+    difficulty_filter: bool = False  # drop groups with no correct rollout or accuracy > threshold (Monet's filter)
+    difficulty_threshold: float = 0.6  # a group is kept when 0 < its share of correct rollouts <= this (as released)
+    difficulty_reward: str | None = None  # the reward in reward_funcs whose 1.0 means correct; None: the first one
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "vlpo") -> "VLPOConfig":
@@ -150,6 +157,11 @@ class VLPOConfig:
             fail(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if (self.score_latents or self.latent_exploration) and not self.latent_sigma > 0:
             fail(f"latent_sigma must be > 0 (it is the latent policy's sigma), got {self.latent_sigma!r}")
+        if not 0 <= self.difficulty_threshold <= 1:
+            fail(f"difficulty_threshold must be in [0, 1] (a share of correct rollouts), "
+                 f"got {self.difficulty_threshold!r}")
+        if self.difficulty_reward is not None and self.difficulty_reward not in self.reward_funcs:
+            fail(f"difficulty_reward {self.difficulty_reward!r} must be one of reward_funcs {self.reward_funcs}")
 
     @property
     def high(self) -> float:
@@ -188,6 +200,14 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {scale_rewards!r}")
     return centred.reshape(-1)
+
+
+def difficulty_keep(correct: torch.Tensor, num_generations: int, threshold: float) -> torch.Tensor:
+    """``(n,)`` correctness of consecutive groups (1.0 correct; anything else, ``nan`` too, not) -> ``(n_groups,)``
+    bool, kept when ``0 < share correct <= threshold``: Monet's online difficulty filter (RL/verl/trainer/ray_trainer.py
+    769-788: groups with a correct rollout enter the pool, those above ``select_acc_threshold`` leave it)."""
+    share = (correct.view(-1, num_generations) == 1).float().mean(1)
+    return (share > 0) & (share <= threshold)
 
 
 def clipped_objective(log_probs, old_log_probs, advantages, epsilon: float, epsilon_high: float,
@@ -267,6 +287,7 @@ class Rollouts:
     old_log_probs: torch.Tensor | None = None  # (B, C), when the rollouts serve several optimizer steps
     ref_log_probs: torch.Tensor | None = None  # (B, C), when beta > 0
     normalizer: float | None = None  # dapo: actions per process in this micro-batch
+    kept: torch.Tensor | None = None  # (B,) bool: rows whose group the difficulty filter keeps (None: all)
     segment_features: list = field(default_factory=list)  # each latent segment's method features, row-major
 
 
@@ -364,7 +385,7 @@ class VLPOModel(nn.Module):
     def forward(self, r: Rollouts) -> VLPOOutput:
         c = self.vlpo
         log_probs = self.log_probs(r)
-        mask = r.text_mask | r.latent_mask if c.score_latents else r.text_mask
+        mask = action_mask(r, c.score_latents)
         old = log_probs.detach() if r.old_log_probs is None else r.old_log_probs
         per_action, low, high = clipped_objective(log_probs, old, r.advantages[:, None].float(), c.epsilon, c.high,
                                                   c.delta)
@@ -410,6 +431,12 @@ class VLPOModel(nn.Module):
 
     def load_weights(self, path):
         self.policy.load_weights(path)
+
+
+def action_mask(r: Rollouts, score_latents: bool) -> torch.Tensor:
+    """``(B, C)`` the actions in the objective: text tokens, latent steps with ``score_latents``, rows kept only."""
+    mask = r.text_mask | r.latent_mask if score_latents else r.text_mask
+    return mask if r.kept is None else mask & r.kept[:, None]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -562,8 +589,14 @@ class VLPOTrainer(LatentTrainer):
         batch_std = self._gather(rewards).std() if c.scale_rewards == "batch" else None
         advantages = group_advantages(rewards, c.num_generations, c.scale_rewards, batch_std)
         r = build_rollouts(policy, images, prompts, prefixes, generations, advantages, ids)
+        if c.difficulty_filter:
+            column = c.reward_funcs.index(c.difficulty_reward) if c.difficulty_reward else 0
+            keep = difficulty_keep(table[:, column], c.num_generations, c.difficulty_threshold)
+            r.kept = keep.repeat_interleave(c.num_generations).to(r.text_mask.device)
+            self._metrics["difficulty/groups_dropped"].append(float((~keep).sum()))
+            self._metrics["difficulty/groups_kept"].append(float(keep.sum()))
 
-        mask = r.text_mask | r.latent_mask if c.score_latents else r.text_mask
+        mask = action_mask(r, c.score_latents)
         if c.loss_type == "dapo":
             r.normalizer = float(self._gather(mask.sum().float().reshape(1)).mean())
         if c.off_policy:  # the policy that generated: frozen for the later updates
