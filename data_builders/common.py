@@ -272,12 +272,13 @@ def content(items: list, kind: str) -> list[dict]:
 
 
 def make_record(rid: str, task: str, images: list[str], user: list, assistant: list, answer: str, meta: dict,
-                system: str | None = None) -> dict:
+                system: str | None = None, conclude: bool = True) -> dict:
     """A record of ``shared/DESIGN.md`` with one user and one assistant turn (see ``content`` for the items); the
-    assistant turn ends with "The answer is X."."""
+    assistant turn ends with "The answer is X." unless ``conclude`` is false (the answer as the source wrote it)."""
     messages = [{"role": "system", "content": content([system], "image")}] if system else []
+    ending = [f"The answer is {answer}."] if conclude else []
     messages += [{"role": "user", "content": content(user, "image")},
-                 {"role": "assistant", "content": content([*assistant, f"The answer is {answer}."], "latent")}]
+                 {"role": "assistant", "content": content([*assistant, *ending], "latent")}]
     return {"id": rid, "images": images, "messages": messages, "answer": answer, "task": task, "meta": meta}
 
 

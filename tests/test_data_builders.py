@@ -303,6 +303,23 @@ def test_mirage_converter(tmp_path):
     assert "map_desc" not in b["meta"]
 
 
+def test_mirage_converter_keep_boxed_keeps_the_answer_as_written(tmp_path):
+    src = tmp_path / "src"
+    png(src / "q.png", "red"), png(src / "h.png", "blue")
+    row = {"id": "vsp-1", "text_input": "<image>\nIs R,D safe?", "image_input": "q.png", "image_output": "h.png",
+           "text_output": "<think>I draw the route. <output_image> It avoids the holes.</think> \\boxed{yes}"}
+    (src / "train.jsonl").write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    assert main(["mirage", "--source", str(src / "train.jsonl"), "--out", str(out), "--split", "1,0,0",
+                 "--keep-boxed"]) == 0
+    a = converted(out)["vsp-1"]
+    assert a["messages"][1]["content"] == [{"type": "text", "text": "<think>I draw the route."},
+                                           {"type": "latent", "image": 1},
+                                           {"type": "text", "text": "It avoids the holes.</think> \\boxed{yes}"}]
+    assert a["answer"] == "yes"
+    assert a["meta"]["text_cot"] == "<think>I draw the route. It avoids the holes.</think> \\boxed{yes}"
+
+
 def test_monet_converter(tmp_path):
     src = tmp_path / "src"
     png(src / "x/q.jpg", "red"), png(src / "x/crop.jpg", "blue")
