@@ -64,7 +64,7 @@ def prepare_output(out: Path, resume: bool, overwrite: bool, recipe, world_size:
         check_writable(out)
         return last
     check_writable(out)
-    if any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"output_dir {str(out)!r} is not empty: pass --overwrite to replace it or --resume")
         if rank == 0:  # the old run's checkpoints must not be resumed into this one
@@ -74,10 +74,13 @@ def prepare_output(out: Path, resume: bool, overwrite: bool, recipe, world_size:
 
 
 def check_writable(out: Path) -> None:
-    """Create ``out`` and write a probe file in it now, not at the first checkpoint after the training it holds."""
+    """Write a probe file in ``out`` (or its nearest existing parent, creating nothing) now, not at the first
+    checkpoint after the training it holds."""
+    folder = out
+    while not folder.exists():
+        folder = folder.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise ValueError(f"output_dir {str(out)!r} cannot be written: {e.strerror or e}") from None
 
