@@ -104,9 +104,8 @@ def mark(image: Image.Image, points, size: int = 0) -> None:
     centred on the points, A white and B black with the letter inside, large enough for a coarse vision grid."""
     d = ImageDraw.Draw(image)
     if size:
-        font = ImageFont.load_default(max(8, size * 2 // 3))
+        font, r = ImageFont.load_default(max(8, size * 2 // 3)), size // 2
         for (label, fill, ink), (x, y) in zip((("A", "white", "black"), ("B", "black", "white")), points):
-            r = size // 2
             d.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=ink, width=max(1, size // 10))
             d.text((x, y), label, fill=ink, font=font, anchor="mm")
         return

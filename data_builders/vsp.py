@@ -3,7 +3,8 @@
 The map is Mirage's ``map_desc``: rows of 1 (start), 2 (goal), -1 (hole) and 0 (ice); actions are L, R, U, D. Walking
 into a hole or off the grid is unsafe; reaching the goal ends the walk. The helper image is the map with the route
 drawn; for "is it safe?" it follows the walk written out action by action (as in ``meta.text_cot``), or with
-``--walk drawn`` it stands in for that walk (only the drawn route says where the sequence ends). Records keep ``meta.map_desc`` so a free-form answer can be checked with ``simulate``.
+``--walk drawn`` it stands in for that walk (only the drawn route says where the sequence ends). Records keep
+``meta.map_desc`` so a free-form answer can be checked with ``simulate``.
 
     vlatent build-data vsp --out data/vsp --n 1000 --size 3-6 --questions safe,route_mc
 """

@@ -59,7 +59,8 @@ def test_monet_recipe_uses_the_released_reward():
     config = check_recipe(load_recipe(ROOT / "train" / "recipes" / "vlpo_monet.yaml"))
     assert config.reward_funcs == ["boxed_accuracy", "boxed_format", "length_penalty", "repetition_penalty"]
     assert config.reward_weights == [0.9, 0.1, 0.001, 0.9] and config.top_p == 0.99 and not config.latent_exploration
-    assert config.difficulty_filter and config.difficulty_threshold == 0.6 and config.difficulty_reward == "boxed_accuracy"
+    assert config.difficulty_filter and config.difficulty_threshold == 0.6
+    assert config.difficulty_reward == "boxed_accuracy"
 
 
 def test_repeats_itself_counts_sentences_of_three_words():
