@@ -1,12 +1,15 @@
 """Jigsaw: a picture cut into tiles with one missing; which of four candidate tiles fills the gap?
 
 The picture is drawn procedurally (a colour gradient under random shapes) and cut into a grid of tiles (2x2 by
-default). The question shows the picture with a hole and, as a second image, four candidates A-D: the right tile,
-the right tile turned or mirrored, and the tiles from the same place in two other pictures. A puzzle is kept only
-when the right tile also continues the neighbouring edges best, which is what the text chain of thought checks. The
-helper image is the completed picture.
+default). The question shows the picture with a hole and four candidates A-D: the right tile, the right tile turned
+or mirrored, and the tiles from the same place in two other pictures (``--distractors foreign``: three other
+pictures, no turned tile). The candidates come on one board image (``--layout board``, the default) or as one image
+each (``--layout separate``: each tile at its own resolution, which a model with few tokens per image can compare
+with the hole's neighbours). A puzzle is kept only when the right tile also continues the neighbouring edges best,
+which is what the text chain of thought checks. The helper image is the completed picture.
 
     vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2
+    vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2 --layout separate --distractors foreign
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ MIN_GAP = 12.0  # mean absolute pixel difference that tells two tiles, or a good
 @dataclass
 class Puzzle:
     grid: int
-    seeds: tuple[int, int, int]  # the picture, and the two pictures the foreign candidates come from
+    seeds: tuple[int, ...]  # the picture, then the pictures the foreign candidates come from (two, or three)
     missing: int  # tile index, row-major
-    turn: str  # how the turned candidate is turned
-    order: tuple[int, ...]  # candidates A-D: 0 right, 1 turned, 2 and 3 foreign
+    turn: str  # how the turned candidate is turned (with two foreign candidates)
+    order: tuple[int, ...]  # candidates A-D: 0 right, 1 turned (or a third foreign tile), 2 and 3 foreign
     answer: str
 
     @property
@@ -102,18 +105,19 @@ def make(p: Puzzle) -> tuple[Image.Image, list[Image.Image]]:
     picture = paint(p.seeds[0])
     box = tile_box(p.grid, p.missing)
     right = picture.crop(box)
-    tiles = [right, right.transpose(TURNS[p.turn]), paint(p.seeds[1]).crop(box), paint(p.seeds[2]).crop(box)]
+    second = right.transpose(TURNS[p.turn]) if len(p.seeds) == 3 else paint(p.seeds[3]).crop(box)
+    tiles = [right, second, paint(p.seeds[1]).crop(box), paint(p.seeds[2]).crop(box)]
     return picture, [tiles[i] for i in p.order]
 
 
-def sample(rng, target, grid: int) -> Puzzle | None:
+def sample(rng, target, grid: int, foreign: bool = False) -> Puzzle | None:
     """A puzzle with the right tile at letter ``target[1]`` whose candidates differ clearly from each other and whose
-    right tile continues the neighbouring edges clearly best."""
+    right tile continues the neighbouring edges clearly best; ``foreign``: no turned candidate, three foreign ones."""
     order = [1, 2, 3]
     rng.shuffle(order)
     order.insert(common.LETTERS.index(target[1]), 0)
-    p = Puzzle(grid, tuple(rng.getrandbits(32) for _ in range(3)), rng.randrange(grid * grid), rng.choice(list(TURNS)),
-               tuple(order), target[1])
+    p = Puzzle(grid, tuple(rng.getrandbits(32) for _ in range(4 if foreign else 3)), rng.randrange(grid * grid),
+               rng.choice(list(TURNS)), tuple(order), target[1])
     picture, tiles = make(p)
     if min(gap(a, b) for i, a in enumerate(tiles) for b in tiles[i + 1:]) < MIN_GAP:
         return None
@@ -131,11 +135,9 @@ def cut_hole(picture: Image.Image, grid: int, missing: int) -> None:
     d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "?", fill=(90, 90, 90), font=font, anchor="mm")
 
 
-def render(p: Puzzle, rid: str, writer: common.DatasetWriter) -> dict:
-    picture, tiles = make(p)
-    t = SIDE // p.grid
-    holed = picture.copy()
-    cut_hole(holed, p.grid, p.missing)
+def board_of(tiles: list[Image.Image]) -> Image.Image:
+    """The four candidate tiles on one white board, 2x2, each under its letter."""
+    t = tiles[0].width
     pad, label = 8, 16
     board = Image.new("RGB", (2 * t + 3 * pad, 2 * (t + label) + 3 * pad), (255, 255, 255))
     d = ImageDraw.Draw(board)
@@ -145,36 +147,58 @@ def render(p: Puzzle, rid: str, writer: common.DatasetWriter) -> dict:
         d.text((x + t / 2, y + label / 2), common.LETTERS[i], fill=(0, 0, 0), font=small, anchor="mm")
         board.paste(tile, (x, y + label))
         d.rectangle([x - 1, y + label - 1, x + t, y + label + t], outline=(90, 90, 90))
-    images = [writer.save(holed, rid), writer.save(board, f"{rid}-candidates"), writer.save(picture, f"{rid}-full")]
+    return board
+
+
+def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "board") -> dict:
+    picture, tiles = make(p)
+    holed = picture.copy()
+    cut_hole(holed, p.grid, p.missing)
+    images = [writer.save(holed, rid)]
+    if layout == "board":
+        images.append(writer.save(board_of(tiles), f"{rid}-candidates"))
+        shown = "The second image shows four candidate tiles."
+    else:
+        images += [writer.save(tile, f"{rid}-{common.LETTERS[i]}") for i, tile in enumerate(tiles)]
+        shown = "The next four images are the candidate tiles A, B, C and D, in that order."
+    images.append(writer.save(picture, f"{rid}-full"))
     options = [f"candidate tile {common.LETTERS[i]}" for i in range(4)]
     question = common.multiple_choice(
-        "The first image is a picture with one tile missing (the grey square with a question mark). The second image "
-        "shows four candidate tiles. Which candidate fills the gap?", options)
+        f"The first image is a picture with one tile missing (the grey square with a question mark). {shown} "
+        "Which candidate fills the gap?", options)
     r, c = divmod(p.missing, p.grid)
     scores = [edge_gaps(picture, p.grid, p.missing, tile) for tile in tiles]
-    turned = common.LETTERS[p.order.index(1)]
+    others = ("the other three come from different pictures" if len(p.seeds) == 4 else
+              f"candidate {common.LETTERS[p.order.index(1)]} is the same tile {p.turn}, and the other two come from "
+              "different pictures")
     cot = (f"The missing tile is at row {r + 1}, column {c + 1} of the {p.grid}x{p.grid} grid. The right tile must "
            f"continue the colours and shapes across every edge it shares with its neighbours. Comparing each "
            f"candidate's border with the pixels next to the gap (mean difference on a 0-255 scale): "
            + ", ".join(f"{common.LETTERS[i]} {s:.0f}" for i, s in enumerate(scores))
-           + f". Candidate {p.answer} matches best; candidate {turned} is the same tile {p.turn}, and the other two "
-           f"come from different pictures.")
-    steps = ["Let me picture the completed image with the best-fitting candidate in the gap.", 2,
+           + f". Candidate {p.answer} matches best; {others}.")
+    steps = ["Let me picture the completed image with the best-fitting candidate in the gap.", len(images) - 1,
              f"With candidate {p.answer} in place, colours and shapes continue across every edge."]
     meta = {"question_type": "missing_tile", "grid": p.grid, "missing": [r, c], "options": options,
             "text_cot": f"{cot} The answer is {p.answer}."}
-    return common.make_record(rid, "jigsaw", images, [0, 1, question], steps, p.answer, meta)
+    return common.make_record(rid, "jigsaw", images, [*range(len(images) - 1), question], steps, p.answer, meta)
 
 
 def parser():
     p = common.synthetic_parser("jigsaw", __doc__)
     p.add_argument("--grid", type=int, choices=(2, 3, 4), default=2, help="tiles per side")
+    p.add_argument("--layout", choices=("board", "separate"), default="board",
+                   help="the four candidates on one board image, or one image each")
+    p.add_argument("--distractors", choices=("mixed", "foreign"), default="mixed",
+                   help="mixed: the right tile turned or mirrored and two tiles of other pictures; foreign: three tiles "
+                        "of other pictures")
     return p
 
 
 def build(args) -> None:
     targets = [("missing_tile", letter) for letter in common.LETTERS[:4]]
-    common.synthesize(args, "jigsaw", VERSION, targets, lambda rng, t: sample(rng, t, args.grid), render)
+    common.synthesize(args, "jigsaw", VERSION, targets,
+                      lambda rng, t: sample(rng, t, args.grid, args.distractors == "foreign"),
+                      lambda p, rid, writer: render(p, rid, writer, args.layout))
 
 
 def main(argv: list[str] | None = None) -> int:

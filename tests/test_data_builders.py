@@ -697,3 +697,23 @@ def test_depth_marker_option_draws_discs_on_the_points(tmp_path):
             ring = [image.getpixel((x + dx, y + dy)) for dx, dy in ((7, 0), (-7, 0), (0, 7), (0, -7))]
             assert all(abs(v - gray) < 40 for v in ring), (label, ring)
     assert build("depth", tmp_path / "bad", "--marker", "99", n=8) == 2
+
+
+@pytest.mark.parametrize("distractors", ["mixed", "foreign"])
+def test_jigsaw_separate_layout_shows_each_candidate_as_its_own_image(tmp_path, distractors):
+    out = tmp_path / distractors
+    assert build("jigsaw", out, "--layout", "separate", "--distractors", distractors, n=12) == 0
+    flips = (Image.Transpose.ROTATE_180, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM)
+    for r in load_records(out, split="train"):
+        assert len(r["images"]) == 6 and latents(r) == [5]
+        assert [c["image"] for c in r["messages"][0]["content"] if c["type"] == "image"] == [0, 1, 2, 3, 4]
+        full = Image.open(r["images"][5]).convert("RGB")
+        side = full.width // r["meta"]["grid"]
+        row, col = r["meta"]["missing"]
+        right = full.crop((col * side, row * side, (col + 1) * side, (row + 1) * side))
+        tiles = [Image.open(p).convert("RGB") for p in r["images"][1:5]]
+        same = [list(t.getdata()) == list(right.getdata()) for t in tiles]
+        assert same == [letter == r["answer"] for letter in "ABCD"]  # the answer's image is the missing tile
+        turned = sum(any(list(t.getdata()) == list(right.transpose(f).getdata()) for f in flips)
+                     for t, s in zip(tiles, same) if not s)
+        assert turned == (1 if distractors == "mixed" else 0)  # foreign: no candidate is the right tile turned
