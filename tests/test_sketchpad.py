@@ -292,3 +292,114 @@ def test_stage2_under_deepspeed(tmp_path, stages, maze):
     model = LatentVLM.from_pretrained(tmp_path / "out")
     gen = model.generate([tiny_image(0)], ["Where next?"], max_new_tokens=6, prefix="<|latent_start|>")[0]
     assert gen.latent_segments[0].features.shape == (16, 32)
+
+
+@pytest.fixture(scope="module")
+def rough_decoder(tmp_path_factory):
+    """An untrained sketch decoder for the tiny ViT's 56 px sketches (16 x 32 features): it draws some picture of any
+    sketch, which is all re-rendering needs (the trained one of ``decoder`` takes longer to build)."""
+    torch.manual_seed(0)
+    config = SketchDecoderConfig(feature_dim=32, num_features=16, image_size=32, encoder_image_size=56)
+    return SketchDecoder(config).save_pretrained(tmp_path_factory.mktemp("rough") / "decoder")
+
+
+def run_losses(model, batch):
+    """``training_losses`` without gradients; also the embeddings the LM got and the head's outputs."""
+    fed, heads = [], []
+    hooks = [model.backbone.register_forward_pre_hook(lambda m, args: fed.append(args[0])),
+             model.method.head.register_forward_hook(lambda m, i, out: heads.append(out))]
+    with torch.no_grad():
+        losses = model.method.training_losses(model, batch)
+    for hook in hooks:
+        hook.remove()
+    return losses, fed[0], heads
+
+
+def test_augment_sketches_feed_rerendered_sketches_and_regress_the_true_ones(tiny_base, maze, rough_decoder):
+    from vlatent.data import load_records
+    from vlatent.data.chat import encode_images
+
+    torch.manual_seed(0)
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, augment_sketches=1,
+                                      augment_decoder=str(rough_decoder), **TINY).train()
+    backbone, method, records = model.backbone, model.method, load_records(maze)[:2]
+    batch = model.collator()(records)
+    with torch.no_grad():
+        true = backbone.vision_features(batch["latent_target_pixel_values"], batch["latent_target_grid_thw"])
+        method.training_data(records, seed=0)
+        ks = method.augmenter.rounds(len(true))
+        assert 0 in ks and 1 in ks  # slots of both kinds in one batch
+        # by hand: the decoder's pictures of the true sketches, resized and encoded as the collator encodes sketches
+        drawn = [f for f, k in zip(true, ks) if k]
+        pictures = [p.resize((56, 56), Image.Resampling.BICUBIC) for p in SketchDecoder.from_pretrained(
+            rough_decoder).decode(drawn)]
+        again = iter(backbone.vision_features(*encode_images(
+            model.processor, pictures, type(backbone).fixed_size_images_kwargs(model.processor, 56))))
+        expected = torch.cat([backbone.project_vision_features(next(again) if k else f) for f, k in zip(true, ks)])
+        plain = model.embed_inputs(batch)
+    method.training_data(records, seed=0)  # the same seed: training_losses draws the same ks
+    losses, fed, heads = run_losses(model, batch)
+    b, t = model.latent_slots(batch)
+    torch.testing.assert_close(fed[b, t], expected)  # k = 0: the true sketch; k = 1: its re-rendering
+    k1 = torch.tensor(ks).repeat_interleave(method.config.num_latent_tokens).bool()
+    assert not torch.allclose(fed[b, t][k1], backbone.project_vision_features(torch.cat(true))[k1])  # decoder used
+    rest = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    rest[b, t] = False
+    assert torch.equal(fed[rest], plain[rest])  # the question image and the text as they were
+    with torch.no_grad():  # the head still regresses the true sketches
+        torch.testing.assert_close(losses["latent_vit"], F.l1_loss(heads[0], torch.stack(true)))
+        torch.testing.assert_close(losses["latent_embed"], F.l1_loss(
+            backbone.project_vision_features(heads[0].flatten(0, 1)), backbone.project_vision_features(
+                torch.cat(true))))
+
+
+def test_augment_sketches_off_or_in_eval_leave_the_slots_true(tiny_base, maze, rough_decoder):
+    from vlatent.data import load_records
+
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=2,
+                                      augment_decoder=str(rough_decoder), **TINY)
+    records = load_records(maze)[:2]
+    batch = model.collator()(records)
+    b, t = model.latent_slots(batch)
+    with torch.no_grad():
+        true = torch.cat(model.method.sketch_targets(model, batch)[0])
+        true = model.backbone.project_vision_features(true)
+    off, fed, _ = run_losses(model.eval(), batch)  # evaluation: no augmentation, no decoder loaded
+    assert model.method.augmenter is None and torch.equal(fed[b, t], true)
+    model.train().method.training_data(records, seed=1)
+    on, fed, _ = run_losses(model, batch)
+    assert not torch.allclose(fed[b, t], true) and on["ce"] != off["ce"]
+    model.method.config.augment_sketches = 0  # off: the stage-1 step of today
+    again, fed, _ = run_losses(model, batch)
+    assert torch.equal(fed[b, t], true) and torch.equal(again["ce"], off["ce"])
+
+
+def test_augment_sketches_config_errors(tiny_base, maze, rough_decoder, tmp_path):
+    from vlatent.data import load_records
+
+    with pytest.raises(ValueError, match="augment_sketches > 0 .* set augment_decoder"):
+        LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=2, **TINY)
+    with pytest.raises(ValueError, match="augment_sketches must be an integer >= 0, got -1"):
+        LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=-1, **TINY)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['augment_decoder', 'augment_sketches'\]"):
+        LatentVLM.from_pretrained(tiny_base, method="mirage", augment_sketches=2, augment_decoder=str(rough_decoder))
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=2,
+                                      augment_decoder=str(tmp_path / "nowhere"), **TINY)
+    records, c = load_records(maze)[:1], model.method.config
+    with pytest.raises(FileNotFoundError, match="augment_decoder .*nowhere' is not a folder"):
+        model.method.training_data(records)  # checked when training starts, before the first step
+    (tmp_path / "depth").mkdir()
+    (tmp_path / "depth" / "decoder_config.json").write_text(json.dumps({"type": "depth_vq"}))
+    c.augment_decoder = str(tmp_path / "depth")
+    with pytest.raises(ValueError, match="augment_decoder .* is not a sketch decoder: .*'depth_vq'"):
+        model.method.training_data(records)
+    c.augment_decoder = str(SketchDecoder(SketchDecoderConfig(feature_dim=64, num_features=16, image_size=32))
+                            .save_pretrained(tmp_path / "wide"))
+    with pytest.raises(ValueError, match="reads 16 x 64 features per picture, a sketch is 16 x 32"):
+        model.method.training_data(records)
+    c.augment_decoder = str(rough_decoder)
+    draws = []
+    for seed in (3, 3, 4):
+        model.method.training_data(records, seed=seed)
+        draws.append(model.method.augmenter.rounds(32))
+    assert draws[0] == draws[1] != draws[2] and set(draws[0]) == {0, 1, 2}  # one seed, one draw, k in 0..2

@@ -35,7 +35,9 @@ renders as an image.
 
 Options that select the release's behaviour (``docs/fidelity.md``): ``head_target="merger_norm"`` regresses (and
 hands the decoder) the sketch after the merger's norm, ``supervise_sketch_delimiters=False`` leaves the sketch's start
-/ end tokens out of the CE, ``text_only_share=0.5`` trains stage 1 on that share of records without their sketches.
+/ end tokens out of the CE, ``text_only_share=0.5`` trains stage 1 on that share of records without their sketches,
+``augment_sketches=2`` with a trained ``augment_decoder`` feeds each teacher-forced sketch re-rendered 0-2 times through
+the sketch decoder and the ViT (the release's ``--augment``), its targets staying the true sketch.
 
 Choices the paper leaves open (or where the release is not followed):
 - Targets are the raw ViT output before the merger by default (``head_target="vit"``; the release first applies the
@@ -54,6 +56,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +82,28 @@ class SketchpadConfig(MethodConfig):
     supervise_sketch_delimiters: bool = True
     text_only_share: float = 0.0  # stage 1: share of records trained without their sketches (release: 0.5)
     head_target: str = "vit"  # "vit": raw ViT features; "merger_norm": after the merger's norm (release)
+    # the release's --augment: in training (not in eval mode) the slots hold each sketch re-rendered k times, k uniform
+    # in 0..augment_sketches, through augment_decoder (a folder train/sketch_decoder.py wrote for this ViT at
+    # sketch_size) and the ViT; the head's targets stay the true sketch; 0: off
+    augment_sketches: int = 0  # release: 2
+    augment_decoder: str | None = None
 
 
 HEAD_TARGETS = ("vit", "merger_norm")
+
+
+@dataclass
+class SketchAugmenter:
+    """``augment_sketches``' decoder (off the module tree: never trained, moved or saved with the model) and the
+    generator of how many times each sketch is re-rendered."""
+
+    decoder: nn.Module  # vlatent.decoders.SketchDecoder
+    generator: torch.Generator
+    most: int
+
+    def rounds(self, n: int) -> list[int]:
+        """Re-renderings of each of ``n`` sketches, uniform in 0..most."""
+        return torch.randint(self.most + 1, (n,), generator=self.generator).tolist()
 
 
 def text_only(record: dict) -> dict:
@@ -231,6 +253,12 @@ class Sketchpad(LatentMethod):
             raise ValueError(f"sketchpad: text_only_share must be in [0, 1], got {c.text_only_share!r}")
         if c.head_target not in HEAD_TARGETS:
             raise ValueError(f"sketchpad: head_target must be one of {', '.join(HEAD_TARGETS)}, got {c.head_target!r}")
+        if not isinstance(c.augment_sketches, int) or c.augment_sketches < 0:
+            raise ValueError(f"sketchpad: augment_sketches must be an integer >= 0, got {c.augment_sketches!r}")
+        if c.augment_sketches and not c.augment_decoder:
+            raise ValueError("sketchpad: augment_sketches > 0 re-renders sketches through a sketch decoder; set "
+                             "augment_decoder to a folder train/sketch_decoder.py wrote")
+        self.augmenter = None  # SketchAugmenter, loaded when training starts (training_data)
         self.head = VisionHead(hidden_size, c.vision_feature_size, c.features_per_token, c.num_latent_tokens,
                                c.head_layers, c.head_heads)
         if c.stage == 1:  # stage 1 fine-tunes the backbone only (release: image loss weight 0)
@@ -285,12 +313,59 @@ class Sketchpad(LatentMethod):
 
     def training_data(self, records, seed: int = 0):
         """Stage 1: ``text_only_share`` of the records, drawn once from ``seed``, as ``text_only`` views (no sketch
-        supervision), the release's text-only mixing; stage 2 (and a share of 0) trains on the records as written."""
+        supervision), the release's text-only mixing; stage 2 (and a share of 0) trains on the records as written.
+        With ``augment_sketches`` the decoder is loaded and checked here, before the first step, and the
+        re-renderings are drawn from ``seed``."""
         c = self.config
+        if c.augment_sketches:
+            self.augmenter = self.load_augmenter(seed)
         if c.stage != 1 or c.text_only_share == 0:
             return records, None
         chosen = set(random.Random(seed).sample(range(len(records)), round(c.text_only_share * len(records))))
         return [text_only(r) if i in chosen else r for i, r in enumerate(records)], None
+
+    def load_augmenter(self, seed: int) -> SketchAugmenter:
+        """The ``augment_decoder`` folder, refused unless it reads this model's sketches, with a generator seeded from
+        ``seed``. Read when training starts, not at build time: a checkpoint trained with it loads where it is gone."""
+        from ..decoders.sketch import SketchDecoder
+
+        c = self.config
+        if not Path(c.augment_decoder).is_dir():
+            raise FileNotFoundError(f"sketchpad: augment_decoder {c.augment_decoder!r} is not a folder (a sketch "
+                                    "decoder that train/sketch_decoder.py wrote)")
+        try:
+            decoder = SketchDecoder.from_pretrained(c.augment_decoder)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"sketchpad: augment_decoder {c.augment_decoder!r} is not a sketch decoder: {e}") from e
+        reads = (decoder.config.num_features, decoder.config.feature_dim)
+        if reads != (self.sketch_features, c.vision_feature_size):
+            raise ValueError(f"sketchpad: augment_decoder {c.augment_decoder!r} reads {reads[0]} x {reads[1]} "
+                             f"features per picture, a sketch is {self.sketch_features} x {c.vision_feature_size}: "
+                             f"train it with train/sketch_decoder.py --encoder-image-size {c.sketch_size} on this ViT")
+        return SketchAugmenter(decoder, torch.Generator().manual_seed(seed), c.augment_sketches)
+
+    def rerender(self, model, features: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+        """Each sketch's (K * per, d_v) ViT features after ``ks[i]`` rounds of decoder -> picture -> the collator's
+        resize and processor -> ViT, as the release re-renders its input sketches (``--augment``), without gradients.
+        Under ZeRO-3 every rank runs the tower ``augment_sketches`` times (the dummy image when no sketch is left)."""
+        from ..decoders.sketch import BackboneVisionEncoder
+
+        c, backbone, decoder = self.config, model.backbone, self.augmenter.decoder.to(model.device)
+        encode = BackboneVisionEncoder(backbone, model.processor, c.sketch_size)
+        out = list(features)
+        with torch.no_grad():
+            for r in range(c.augment_sketches if model.uniform_compute else max(ks, default=0)):
+                todo = [i for i, k in enumerate(ks) if k > r]
+                if not todo:  # ZeRO-3: the tower runs as often on every rank (the dummy image here)
+                    self.vit_features(model, None, None)
+                    continue
+                drawn = torch.stack([out[i] for i in todo])  # (m, K * per, d_v)
+                if decoder.config.encoder_norm:  # a decoder for a merger_norm head reads normed features
+                    norm = backbone.vision_feature_norm
+                    drawn = norm(drawn.type(norm.weight.dtype))
+                for i, f in zip(todo, encode(decoder.decode(drawn))):  # PIL pictures -> (m, K * per, d_v)
+                    out[i] = f.to(features[i].dtype)
+        return out
 
     # -- training -----------------------------------------------------------------------------------
     def text_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -349,11 +424,17 @@ class Sketchpad(LatentMethod):
         embeds = model.embed_inputs(batch)
         if targets:
             target_embeds = backbone.project_vision_features(torch.cat(targets))  # (n_slots, hidden)
-            if real:  # teacher forcing: every slot holds the true sketch, as the merger would feed a real image
+            fed = target_embeds  # what the slots hold: the true sketch, or (augment_sketches) its re-rendering
+            if c.augment_sketches and model.training:
+                if self.augmenter is None:  # trained without training_data: seed 0
+                    self.augmenter = self.load_augmenter(0)
+                ks = self.augmenter.rounds(len(targets)) if real else [0] * len(targets)
+                fed = backbone.project_vision_features(torch.cat(self.rerender(model, targets, ks)))
+            if real:  # teacher forcing: every slot holds the sketch, as the merger would feed a real image
                 model.check_latent_targets((b, t), target_embeds, batch)
-                embeds = embeds.index_put((b, t), target_embeds.to(embeds.dtype))
+                embeds = embeds.index_put((b, t), fed.to(embeds.dtype))
             else:
-                embeds = embeds + 0.0 * target_embeds.sum().to(embeds.dtype)
+                embeds = embeds + 0.0 * fed.sum().to(embeds.dtype)
         hidden = model.run_language_model(embeds, batch).last_hidden_state  # (batch, seq, hidden)
         losses = {"ce": model.lm_loss(hidden, self.text_labels(batch["labels"]))}
         if c.stage == 1:

@@ -81,7 +81,7 @@ class Recipe:
 
 
 # entries that name files or folders, resolved when the recipe is read (see the module docstring)
-PATHS = ("data.train", "data.eval", "training.output_dir")
+PATHS = ("data.train", "data.eval", "training.output_dir", "method_config.augment_decoder")
 PATHS_OR_HUB_IDS = ("model", "method_config.teacher", "method_config.tokenizer")  # a path where one exists
 # ranges beyond the field types: (test, what the value must be)
 RANGES = {
