@@ -323,16 +323,20 @@ def test_shipped_recipes_parse(monkeypatch):
 @pytest.mark.slow
 def test_deepspeed_zero3_two_processes(tmp_path, tiny_base):
     """Two ranks, ZeRO-3: rollouts of different lengths on each rank (synced generation), text-only prompts beside
-    prompts with a picture, two updates per rollout batch (old log-probs, clipping), a KL reference, dual clip, a reward given as
-    module:function, and the checkpoint written from the gathered weights."""
+    prompts with a picture, two updates per rollout batch (old log-probs, clipping), a KL reference, dual clip, a
+    reward given as module:function, a difficulty pool (q0 and q1 dropped: the ranks need different refill rounds,
+    which they must run together), and the checkpoint written from the gathered weights."""
     (tmp_path / "user_rewards.py").write_text(
-        "def length(completions, **columns):\n    return [float(len(c)) for c in completions]\n")
+        "def length(completions, **columns):\n    return [float(len(c)) for c in completions]\n"
+        "def half(completions, id, **columns):  # groups of 2: one right (kept), but none for q0, q1 (dropped)\n"
+        "    return [float(i % 2 == 0 and r not in ('q0', 'q1')) for i, r in enumerate(id)]\n")
     cfg = recipe(tmp_path, "vlpo.yaml", model=str(tiny_base), method="mirage", method_config={"num_latent_tokens": 2},
                  data={"train": str(write_prompts(tmp_path / "data", 8, text_only_every=2))},
                  deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"),
                  vlpo={"num_generations": 2, "max_completion_length": 8, "prefix": "<|latent_start|>",
                        "updates_per_rollout": 2, "beta": 0.05, "delta": 3.0, "epsilon_high": 0.28,
-                       "reward_funcs": ["user_rewards:length", "accuracy"]},
+                       "reward_funcs": ["user_rewards:length", "accuracy", "user_rewards:half"],
+                       "difficulty_filter": True, "difficulty_reward": "user_rewards:half", "difficulty_pool": 2},
                  training={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 4,
                            "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "disable_tqdm": True})
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "DS_ACCELERATOR": "cpu",
@@ -347,6 +351,8 @@ def test_deepspeed_zero3_two_processes(tmp_path, tiny_base):
     generated = [e for e in logs if "reward" in e]  # rollout batches at steps 1 and 3, their second halves at 2, 4
     assert [e["step"] for e in generated] == [1, 3] and all(e["completions/latent_steps"] >= 2 for e in generated)
     assert logs[1]["clip_ratio/region_mean"] > 0  # the reused rollouts are off-policy: the clip binds somewhere
+    # 2 prompts per rank and rollout batch; the 8 records pass in 2 batches, so a rank meets q0 or q1 and refills
+    assert max(e["difficulty/pool_prompts"] for e in generated) > 2, generated
     trained = LatentVLM.from_pretrained(tmp_path / "out")
     base = LatentVLM.from_pretrained(tiny_base, method="mirage", num_latent_tokens=2)
     assert not torch.allclose(trained.backbone.model.lm_head.weight, base.backbone.model.lm_head.weight)

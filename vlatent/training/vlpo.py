@@ -46,9 +46,15 @@ Knobs are named as TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_l
   first step. Text log-probs ignore ``top_p`` truncation (as TRL) and a method's ``constrain_logits``.
 - Rewards take the completion's text (latent segments left out) and the record's fields (see ``rewards.py``).
 - ``difficulty_filter`` (Monet's online difficulty sampling): a group whose share of correct rollouts (1.0 under
-  ``difficulty_reward``) is 0 or above ``difficulty_threshold`` leaves the objective (its rows' actions are masked,
-  logged as ``difficulty/groups_dropped``); the update has fewer prompts, where the release refills its batch from a
-  larger pre-generated pool.
+  ``difficulty_reward``) is 0 or above ``difficulty_threshold`` leaves the objective (its rows' actions are masked);
+  ``difficulty/groups_kept`` / ``groups_dropped`` count the filter's verdicts per generated micro-batch. With
+  ``difficulty_pool: 1`` the update has fewer prompts. With ``difficulty_pool: N > 1`` the rollout batch is refilled:
+  DAPO's dynamic sampling, bounded by a pool of N x its prompts (the loader's first, then other prompts drawn from
+  the dataset, seeded by seed, process and global step). Micro-batches are generated until enough groups are kept (on
+  every process while any needs more: an all-reduce decides, generation being synced), and the batch holds kept groups
+  only; short of them, the earliest unkept groups fill it masked (``difficulty/shortfall``, ``pool_prompts``). The
+  release (Monet RL/verl/trainer/ray_trainer.py:575-579, 769-788) always rolls out its whole 256-prompt pool and trains
+  every full 64-prompt batch of kept prompts in it; we stop once one batch is full and drop the surplus.
 - The KL reference (``beta > 0``) is a frozen full copy of the initial policy on every process (TRL runs it through
   DeepSpeed, partitioned under ZeRO-3): one forward per micro-batch, no all-gathers, one model's memory more.
 
@@ -68,7 +74,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -116,6 +122,7 @@ class VLPOConfig:
     difficulty_filter: bool = False  # drop groups with no correct rollout or accuracy > threshold (Monet's filter)
     difficulty_threshold: float = 0.6  # a group is kept when 0 < its share of correct rollouts <= this (as released)
     difficulty_reward: str | None = None  # the reward in reward_funcs whose 1.0 means correct; None: the first one
+    difficulty_pool: int = 1  # N > 1: refill the rollout batch with kept groups from up to N x its prompts
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "vlpo") -> "VLPOConfig":
@@ -162,6 +169,11 @@ class VLPOConfig:
                  f"got {self.difficulty_threshold!r}")
         if self.difficulty_reward is not None and self.difficulty_reward not in self.reward_funcs:
             fail(f"difficulty_reward {self.difficulty_reward!r} must be one of reward_funcs {self.reward_funcs}")
+        if not isinstance(self.difficulty_pool, int) or self.difficulty_pool < 1:
+            fail(f"difficulty_pool must be a positive integer, got {self.difficulty_pool!r}")
+        if self.difficulty_pool > 1 and not self.difficulty_filter:
+            fail(f"difficulty_pool={self.difficulty_pool} refills the batch with the groups the difficulty filter "
+                 "keeps: set difficulty_filter: true (or difficulty_pool: 1)")
 
     @property
     def high(self) -> float:
@@ -289,6 +301,31 @@ class Rollouts:
     normalizer: float | None = None  # dapo: actions per process in this micro-batch
     kept: torch.Tensor | None = None  # (B,) bool: rows whose group the difficulty filter keeps (None: all)
     segment_features: list = field(default_factory=list)  # each latent segment's method features, row-major
+
+
+@dataclass
+class Scored:
+    """Generated and scored rollouts before a micro-batch is built from them: one row per record, in groups of
+    ``num_generations`` consecutive rows (the difficulty pool picks groups from several of these)."""
+
+    records: list
+    images: list
+    prompts: list
+    prefixes: list
+    generations: list
+    advantages: torch.Tensor  # (B,)
+    kept: torch.Tensor | None  # (B,) bool: the difficulty filter's verdict on each row's group (None: no filter)
+
+    def groups(self, size: int) -> list["Scored"]:
+        """One ``Scored`` per group of ``size`` consecutive rows."""
+        return [Scored(*(getattr(self, f.name)[i : i + size] for f in fields(Scored)))
+                for i in range(0, len(self.records), size)]
+
+    @staticmethod
+    def cat(parts: list["Scored"]) -> "Scored":
+        """The rows of ``parts``, in order."""
+        columns = ([getattr(p, f.name) for p in parts] for f in fields(Scored))
+        return Scored(*(torch.cat(c) if torch.is_tensor(c[0]) else sum(c, []) for c in columns))
 
 
 def build_rollouts(model, images, prompts, prefixes, generations, advantages, ids) -> Rollouts:
@@ -510,6 +547,7 @@ class VLPOTrainer(LatentTrainer):
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         self._buffer: list[Rollouts] = []  # the micro-batches of the current rollout batch
+        self._buffer_for: list = []  # the ids of the data-loader batch they were made for
         self._micro = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._warned_no_latents = False
@@ -552,17 +590,67 @@ class VLPOTrainer(LatentTrainer):
         index = (step % c.updates_per_rollout) * accumulation + self._micro % accumulation
         self._micro += 1
         if (step == 0 and index == 0) or not self._buffer:
-            per_device = self.args.per_device_train_batch_size
-            self._buffer = [self.rollout(records[i : i + per_device]) for i in range(0, len(records), per_device)]
-        buffered = [i for r in self._buffer for i in r.ids]
-        if buffered != [r["id"] for r in records]:
-            raise RuntimeError(f"rollout reuse out of step: buffered {buffered[:2]}..., got "
+            self._buffer, self._buffer_for = self._rollout_batch(records), [r["id"] for r in records]
+        if self._buffer_for != [r["id"] for r in records]:
+            raise RuntimeError(f"rollout reuse out of step: rollouts made for {self._buffer_for[:2]}..., got "
                                f"{[r['id'] for r in records][:2]}... (was the sampler replaced?)")
         return self._buffer[index]
 
-    @torch.no_grad()
+    def _rollout_batch(self, records: list[dict]) -> list[Rollouts]:
+        """The micro-batches of one rollout batch, from the data loader's ``records`` (with ``difficulty_pool > 1``
+        refilled with kept groups: see the module docstring)."""
+        c, per_device, g = self.vlpo, self.args.per_device_train_batch_size, self.vlpo.num_generations
+        if c.difficulty_pool == 1:
+            return [self.rollout(records[i : i + per_device]) for i in range(0, len(records), per_device)]
+        start, needed = time.perf_counter(), len(records) // g  # groups in the batch
+        rows = records + self._pool_records((c.difficulty_pool - 1) * needed, records)
+        pool = []  # Scored groups, in generation order
+        for i in range(0, len(rows), per_device):
+            pool += self._score(rows[i : i + per_device])[0].groups(g)
+            if not self._any(sum(bool(s.kept[0]) for s in pool) < needed):  # every process runs as many rounds
+                break
+        kept = [s for s in pool if s.kept[0]][:needed]
+        short = needed - len(kept)
+        m = self._metrics
+        m["difficulty/pool_prompts"].append(float(len(pool)))
+        m["difficulty/shortfall"].append(float(short))
+        if short:
+            logger.warning(f"difficulty pool: {len(kept)} of {len(pool)} prompts kept, {needed} needed: {short} "
+                           "groups of the batch filled with dropped ones, masked out")
+        groups = kept + [s for s in pool if not s.kept[0]][:short]
+        shared = (time.perf_counter() - start) / self._micro_batches  # generating and scoring, per micro-batch
+        batch, per_batch = [], per_device // g
+        for i in range(0, needed, per_batch):
+            since = time.perf_counter()
+            batch.append(self._finish(self._build(Scored.cat(groups[i : i + per_batch])), since, shared))
+        return batch
+
+    def _pool_records(self, n: int, taken: list[dict]) -> list[dict]:
+        """``n`` prompts of the train dataset for the difficulty pool, each ``num_generations`` times: a seeded random
+        order (the same for a (seed, process, global step) on a rerun or resume), the prompts in ``taken`` left out."""
+        a, dataset, ids = self.args, self.train_dataset, {r["id"] for r in taken}
+        generator = torch.Generator().manual_seed((a.seed * 1_000_003 + a.process_index) * 1_000_003
+                                                  + self.state.global_step)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        order = [i for i in order if dataset[i]["id"] not in ids] or order  # all taken: a one-batch dataset
+        return [dataset[order[k % len(order)]] for k in range(n) for _ in range(self.vlpo.num_generations)]
+
+    def _any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (so that all of them take the same branch)."""
+        if self.args.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.args.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def rollout(self, records: list[dict]) -> Rollouts:
         """Generate one completion per record (the records come in groups), score them, and build the batch."""
+        start = time.perf_counter()
+        return self._finish(self._score(records)[1], start)
+
+    @torch.no_grad()
+    def _score(self, records: list[dict]) -> tuple[Scored, Rollouts]:
+        """Generate one completion per record, score them and log them (the difficulty filter's verdicts too)."""
         c, policy = self.vlpo, self.accelerator.unwrap_model(self.model).policy
         start = time.perf_counter()
         prompts, images = zip(*(record_prompt(r) for r in records))
@@ -588,14 +676,30 @@ class VLPOTrainer(LatentTrainer):
         rewards = (table * self.reward_weights).nansum(1)  # (B,)
         batch_std = self._gather(rewards).std() if c.scale_rewards == "batch" else None
         advantages = group_advantages(rewards, c.num_generations, c.scale_rewards, batch_std)
-        r = build_rollouts(policy, images, prompts, prefixes, generations, advantages, ids)
+        scored = Scored(list(records), images, prompts, prefixes, list(generations), advantages, None)
         if c.difficulty_filter:
             column = c.reward_funcs.index(c.difficulty_reward) if c.difficulty_reward else 0
-            keep = difficulty_keep(table[:, column], c.num_generations, c.difficulty_threshold)
-            r.kept = keep.repeat_interleave(c.num_generations).to(r.text_mask.device)
+            keep = difficulty_keep(table[:, column], c.num_generations, c.difficulty_threshold)  # (n_groups,)
+            scored.kept = keep.repeat_interleave(c.num_generations)
             self._metrics["difficulty/groups_dropped"].append(float((~keep).sum()))
             self._metrics["difficulty/groups_kept"].append(float(keep.sum()))
+        r = self._build(scored)
+        self._log_rollouts(rewards, table, r, generations, generation_s)
+        return scored, r
 
+    def _build(self, s: Scored) -> Rollouts:
+        """The micro-batch of ``s``'s rows, its rows' filter verdicts as ``kept``."""
+        policy = self.accelerator.unwrap_model(self.model).policy
+        r = build_rollouts(policy, s.images, s.prompts, s.prefixes, s.generations, s.advantages,
+                           [x["id"] for x in s.records])
+        r.kept = None if s.kept is None else s.kept.to(r.text_mask.device)
+        return r
+
+    @torch.no_grad()
+    def _finish(self, r: Rollouts, since: float, shared: float = 0.0) -> Rollouts:
+        """What the objective needs beyond the rollouts: the ``dapo`` normaliser, the rollout policy's and the
+        reference's log-probs. Logs the time since ``since`` plus ``shared`` (this batch's share of the pool's)."""
+        c = self.vlpo
         mask = action_mask(r, c.score_latents)
         if c.loss_type == "dapo":
             r.normalizer = float(self._gather(mask.sum().float().reshape(1)).mean())
@@ -603,7 +707,7 @@ class VLPOTrainer(LatentTrainer):
             r.old_log_probs = self.accelerator.unwrap_model(self.model).log_probs(r)
         if c.beta > 0:
             r.ref_log_probs = action_log_probs(self.ref_model, r, c.temperature, c.latent_sigma, c.score_latents)
-        self._log_rollouts(rewards, table, r, generations, generation_s, time.perf_counter() - start)
+        self._metrics["time/rollout_s"].append(shared + time.perf_counter() - since)  # generation to ref log-probs
         return r
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -615,7 +719,7 @@ class VLPOTrainer(LatentTrainer):
         dist.all_gather(parts, t)
         return torch.cat(parts).cpu()
 
-    def _log_rollouts(self, rewards, table, r: Rollouts, generations, generation_s, rollout_s) -> None:
+    def _log_rollouts(self, rewards, table, r: Rollouts, generations, generation_s) -> None:
         g = self.vlpo.num_generations
         groups = rewards.view(-1, g)
         m = self._metrics
@@ -640,7 +744,6 @@ class VLPOTrainer(LatentTrainer):
                                    f"sigma*sqrt(d)={noise:.3g} = {noise / max(norm, 1e-12):.3g} x the measured norm of "
                                    f"the latent means |mu|={norm:.3g}")
         m["time/generation_s"].append(generation_s)  # the decode loop
-        m["time/rollout_s"].append(rollout_s)  # + rewards, the batch, old and reference log-probs
         if self.vlpo.score_latents and not r.latent_mask.any() and not self._warned_no_latents:
             self._warned_no_latents = True
             logger.warning("score_latents is on but these rollouts hold no latent step: this batch trains the text "
