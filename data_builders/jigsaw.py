@@ -1,12 +1,12 @@
 """Jigsaw: a picture cut into tiles with one missing; which of four candidate tiles fills the gap?
 
-The picture is drawn procedurally (a colour gradient under random shapes) and cut into a grid of tiles (2x2 by
-default). The question shows the picture with a hole and four candidates A-D: the right tile, the right tile turned
-or mirrored, and the tiles from the same place in two other pictures (``--distractors foreign``: three other
-pictures, no turned tile). The candidates come on one board image (``--layout board``, the default) or as one image
-each (``--layout separate``: each tile at its own resolution, which a model with few tokens per image can compare
-with the hole's neighbours). A puzzle is kept only when the right tile also continues the neighbouring edges best,
-which is what the text chain of thought checks. The helper image is the completed picture.
+The picture is drawn procedurally (a colour gradient under random shapes, ``--shapes``) and cut into a grid of tiles
+(2x2 by default). The question shows the picture with a hole and four candidates A-D: the right tile, the right tile
+turned or mirrored, and the tiles from the same place in two other pictures (``--distractors foreign``: three other
+pictures, no turned tile). The candidates come on one board image (``--layout board``, the default) or one image each,
+each after its letter (``--layout separate``: every tile at its own resolution, which a model with few tokens per image
+can compare with the hole's neighbours). A puzzle is kept only when the right tile also continues the neighbouring
+edges best, which is what the text chain of thought checks. The helper image is the completed picture.
 
     vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2
     vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2 --layout separate --distractors foreign
@@ -37,14 +37,16 @@ class Puzzle:
     turn: str  # how the turned candidate is turned (with two foreign candidates)
     order: tuple[int, ...]  # candidates A-D: 0 right, 1 turned (or a third foreign tile), 2 and 3 foreign
     answer: str
+    shapes: tuple[int, int] = (6, 10)  # how many shapes each picture has, at least and at most
 
     @property
     def key(self):
         return self.grid, self.seeds, self.missing, self.turn, self.order
 
 
-def paint(seed: int) -> Image.Image:
-    """A picture: a two-colour gradient under 6-10 random ellipses, rectangles, triangles and bars."""
+def paint(seed: int, shapes: tuple[int, int] = (6, 10)) -> Image.Image:
+    """A picture: a two-colour gradient under ``shapes`` (at least, at most) random ellipses, rectangles, triangles
+    and bars."""
     rng = random.Random(seed)
 
     def color():
@@ -57,7 +59,7 @@ def paint(seed: int) -> Image.Image:
     for i in range(SIDE):
         mix = tuple(round(x + (y - x) * i / (SIDE - 1)) for x, y in zip(a, b))
         d.line([0, i, SIDE, i] if horizontal else [i, 0, i, SIDE], fill=mix)
-    for _ in range(rng.randint(6, 10)):
+    for _ in range(rng.randint(*shapes)):
         x, y = rng.randrange(-20, SIDE), rng.randrange(-20, SIDE)
         w, h = rng.randint(20, 80), rng.randint(20, 80)
         kind = rng.choice(("ellipse", "rectangle", "triangle", "bar"))
@@ -102,22 +104,22 @@ def edge_gaps(picture: Image.Image, grid: int, idx: int, tile: Image.Image) -> f
 
 def make(p: Puzzle) -> tuple[Image.Image, list[Image.Image]]:
     """The picture and the candidate tiles in the order A-D."""
-    picture = paint(p.seeds[0])
+    picture = paint(p.seeds[0], p.shapes)
     box = tile_box(p.grid, p.missing)
     right = picture.crop(box)
-    second = right.transpose(TURNS[p.turn]) if len(p.seeds) == 3 else paint(p.seeds[3]).crop(box)
-    tiles = [right, second, paint(p.seeds[1]).crop(box), paint(p.seeds[2]).crop(box)]
+    second = right.transpose(TURNS[p.turn]) if len(p.seeds) == 3 else paint(p.seeds[3], p.shapes).crop(box)
+    tiles = [right, second, paint(p.seeds[1], p.shapes).crop(box), paint(p.seeds[2], p.shapes).crop(box)]
     return picture, [tiles[i] for i in p.order]
 
 
-def sample(rng, target, grid: int, foreign: bool = False) -> Puzzle | None:
+def sample(rng, target, grid: int, foreign: bool = False, shapes: tuple[int, int] = (6, 10)) -> Puzzle | None:
     """A puzzle with the right tile at letter ``target[1]`` whose candidates differ clearly from each other and whose
     right tile continues the neighbouring edges clearly best; ``foreign``: no turned candidate, three foreign ones."""
     order = [1, 2, 3]
     rng.shuffle(order)
     order.insert(common.LETTERS.index(target[1]), 0)
     p = Puzzle(grid, tuple(rng.getrandbits(32) for _ in range(4 if foreign else 3)), rng.randrange(grid * grid),
-               rng.choice(list(TURNS)), tuple(order), target[1])
+               rng.choice(list(TURNS)), tuple(order), target[1], shapes)
     picture, tiles = make(p)
     if min(gap(a, b) for i, a in enumerate(tiles) for b in tiles[i + 1:]) < MIN_GAP:
         return None
@@ -155,17 +157,18 @@ def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "boa
     holed = picture.copy()
     cut_hole(holed, p.grid, p.missing)
     images = [writer.save(holed, rid)]
+    options = [f"candidate tile {common.LETTERS[i]}" for i in range(4)]
+    stem = "The first image is a picture with one tile missing (the grey square with a question mark)."
     if layout == "board":
         images.append(writer.save(board_of(tiles), f"{rid}-candidates"))
-        shown = "The second image shows four candidate tiles."
-    else:
+        user = [0, 1, common.multiple_choice(f"{stem} The second image shows four candidate tiles. Which candidate "
+                                             "fills the gap?", options)]
+    else:  # each candidate's image right after its letter, so the letter sits next to the tile it names
         images += [writer.save(tile, f"{rid}-{common.LETTERS[i]}") for i, tile in enumerate(tiles)]
-        shown = "The next four images are the candidate tiles A, B, C and D, in that order."
+        user = [0, f"{stem} Which candidate tile fills the gap?"]
+        for i in range(4):
+            user += [f"{common.LETTERS[i]}.", i + 1]
     images.append(writer.save(picture, f"{rid}-full"))
-    options = [f"candidate tile {common.LETTERS[i]}" for i in range(4)]
-    question = common.multiple_choice(
-        f"The first image is a picture with one tile missing (the grey square with a question mark). {shown} "
-        "Which candidate fills the gap?", options)
     r, c = divmod(p.missing, p.grid)
     scores = [edge_gaps(picture, p.grid, p.missing, tile) for tile in tiles]
     others = ("the other three come from different pictures" if len(p.seeds) == 4 else
@@ -180,7 +183,7 @@ def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "boa
              f"With candidate {p.answer} in place, colours and shapes continue across every edge."]
     meta = {"question_type": "missing_tile", "grid": p.grid, "missing": [r, c], "options": options,
             "text_cot": f"{cot} The answer is {p.answer}."}
-    return common.make_record(rid, "jigsaw", images, [*range(len(images) - 1), question], steps, p.answer, meta)
+    return common.make_record(rid, "jigsaw", images, user, steps, p.answer, meta)
 
 
 def parser():
@@ -189,15 +192,17 @@ def parser():
     p.add_argument("--layout", choices=("board", "separate"), default="board",
                    help="the four candidates on one board image, or one image each")
     p.add_argument("--distractors", choices=("mixed", "foreign"), default="mixed",
-                   help="mixed: the right tile turned or mirrored and two tiles of other pictures; foreign: three tiles "
-                        "of other pictures")
+                   help="mixed: the right tile turned or mirrored and two tiles of other pictures; foreign: three "
+                        "tiles of other pictures")
+    p.add_argument("--shapes", type=common.int_range(0, 20), default="6-10", metavar="N|MIN-MAX",
+                   help="shapes drawn over each picture's gradient (fewer: the tiles' colours tell more)")
     return p
 
 
 def build(args) -> None:
     targets = [("missing_tile", letter) for letter in common.LETTERS[:4]]
     common.synthesize(args, "jigsaw", VERSION, targets,
-                      lambda rng, t: sample(rng, t, args.grid, args.distractors == "foreign"),
+                      lambda rng, t: sample(rng, t, args.grid, args.distractors == "foreign", args.shapes),
                       lambda p, rid, writer: render(p, rid, writer, args.layout))
 
 

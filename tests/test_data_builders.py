@@ -706,7 +706,11 @@ def test_jigsaw_separate_layout_shows_each_candidate_as_its_own_image(tmp_path, 
     flips = (Image.Transpose.ROTATE_180, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM)
     for r in load_records(out, split="train"):
         assert len(r["images"]) == 6 and latents(r) == [5]
-        assert [c["image"] for c in r["messages"][0]["content"] if c["type"] == "image"] == [0, 1, 2, 3, 4]
+        user = r["messages"][0]["content"]
+        assert [c["image"] for c in user if c["type"] == "image"] == [0, 1, 2, 3, 4]
+        for i, letter in enumerate("ABCD"):  # each candidate right after its letter
+            assert user[2 * i + 1]["text"].endswith(f"{letter}.")
+            assert user[2 * i + 2] == {"type": "image", "image": i + 1}
         full = Image.open(r["images"][5]).convert("RGB")
         side = full.width // r["meta"]["grid"]
         row, col = r["meta"]["missing"]
