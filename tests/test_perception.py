@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from train.perception_tokenizer import main as train_tokenizer  # noqa: E402
 
-from test_training import check_seeding, finish, launch, recipe  # noqa: E402
+from test_training import check_seeding, finish, launch, recipe, zero3_two_processes  # noqa: E402
 
 N_CODES, CODEBOOK = 16, 16  # the test tokenizer: 32 px maps, 3 downsamplings -> 4 x 4 codes
 
@@ -270,6 +270,34 @@ def test_deepspeed_overfits_16_depth_records_then_draws_a_depth_map(tmp_path, ti
     target = trained.method.depth_tokenizer.encode([Image.open(record["images"][1])])[0]
     assert (codes[0] == target).float().mean() > 0.5  # it learned this record's depth codes
     assert depth_map.size == (32, 32)
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_train_lora_embeddings_and_the_projector_at_its_own_rate(tmp_path, tiny_base,
+                                                                                     tokenizer_dir, depth_data):
+    """train/recipes/perception_depth.yaml's LoRA (train_embeddings) and multi_modal_projector_lr under ZeRO-3 on
+    two processes: the projector's param group keeps its rate through DeepSpeed's optimizer wrapping (Adam moves a
+    weight at most ~lr a step, so two steps move the projector <= 2 x its rate, the embeddings ~100x more), the
+    adapters are merged into the saved weights, the vision tower and the base language model stay as loaded."""
+    lr, projector_lr = 1e-2, 1e-4
+    after, before, _ = zero3_two_processes(
+        tmp_path, tiny_base, "perception",
+        {"tokenizer": str(tokenizer_dir), "num_latent_tokens": N_CODES, "codebook_size": CODEBOOK},
+        depth_data / "train.jsonl", lora={"r": 8, "lora_alpha": 16, "train_embeddings": True},
+        multi_modal_projector_lr=projector_lr, freeze_vision_tower=True, training={"learning_rate": lr})
+
+    def change(k):
+        return (after[k].float() - before[k].float()).abs().max().item()
+
+    frozen = [k for k in before if (k.startswith("model.visual.") and ".merger." not in k) or "layernorm" in k
+              or k == "model.language_model.norm.weight"]
+    assert frozen and [k for k in frozen if change(k) > 0] == []
+    projector = [k for k in before if ".merger." in k]
+    assert projector and all(0 < change(k) <= 2.5 * projector_lr for k in projector), \
+        {k: change(k) for k in projector}
+    assert change("model.language_model.embed_tokens.weight") > 25 * projector_lr  # trained at lr
+    assert change("lm_head.weight") > 25 * projector_lr
+    assert change("model.language_model.layers.0.self_attn.q_proj.weight") > 0  # LoRA merged in
 
 
 @pytest.mark.parametrize("name", ["perception_depth.yaml", "perception_count.yaml", "tiny/perception_depth.yaml"])

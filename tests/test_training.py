@@ -163,6 +163,48 @@ def test_deepspeed_zero3_two_processes_with_a_text_only_rank(tmp_path, tiny_base
     assert gen.latent_segments and gen.num_steps == 6
 
 
+def zero3_two_processes(tmp_path, base, method, method_config, train, **entries) -> tuple[dict, dict, LatentVLM]:
+    """Train ``entries`` (a recipe's freezing / LoRA keys, ``training``) with train/ds_configs/zero3.json on two
+    processes; (saved backbone weights, the weights it started from, the starting model)."""
+    training = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 1, "max_steps": 2,
+                "lr_scheduler_type": "constant", "logging_steps": 1, "seed": 0, "disable_tqdm": True,
+                **entries.pop("training")}
+    cfg = recipe(tmp_path, model=str(base), method=method, method_config=method_config,
+                 data={"train": str(train), "max_length": 1024},
+                 deepspeed=str(ROOT / "train" / "ds_configs" / "zero3.json"), training=training, **entries)
+    finish(launch(cfg, 2))
+    start = LatentVLM.from_pretrained(base, method=method, **method_config)
+    trained = LatentVLM.from_pretrained(tmp_path / "out").backbone.model.state_dict()
+    return trained, start.backbone.model.state_dict(), start
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_keep_sketchpad_stage1s_frozen_weights_bit_identical(tmp_path, tiny_base):
+    """train/recipes/sketchpad_stage1.yaml's freezing under ZeRO-3 (partitioned parameters): the vision tower, the
+    merger's norm and the base vocabulary's embedding rows stay bit-identical, the merger MLP and the added tokens'
+    rows (a gradient hook masks the rest) learn."""
+    data = write_records(tmp_path / "data", [("a", 1, True), ("b", 1, True)])
+    after, before, start = zero3_two_processes(
+        tmp_path, tiny_base, "sketchpad", {"stage": 1, "sketch_size": 56, "head_heads": 4, "text_only_share": 0.5},
+        data, freeze_vision_tower=True, freeze_embed_tokens=True, freeze_projector_norm=True,
+        training={"learning_rate": 1e-2, "weight_decay": 0.01})  # the recipe's decay: it must spare frozen rows
+    vision = [k for k in before if k.startswith("model.visual.") and ".merger." not in k]
+    assert vision and all(torch.equal(after[k], before[k]) for k in vision), \
+        [k for k in vision if not torch.equal(after[k], before[k])]
+    norm = [k for k in before if ".merger.ln_q." in k]
+    assert norm and all(torch.equal(after[k], before[k]) for k in norm)
+    mlp = [k for k in before if ".merger.mlp." in k]
+    assert mlp and all(not torch.equal(after[k], before[k]) for k in mlp)
+    key = "model.language_model.embed_tokens.weight"
+    new = [start.tokenizer.convert_tokens_to_ids(t) for t in start.method.special_tokens()]
+    base_rows = torch.ones(before[key].shape[0], dtype=torch.bool)
+    base_rows[new] = False
+    moved = (after[key] != before[key]).any(dim=1)
+    assert not moved[base_rows].any(), moved[base_rows].nonzero().flatten().tolist()
+    assert moved[new].any(), "no added token's embedding row learned"
+    assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])  # the language model trains
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, maze):
     def cfg(name):
@@ -280,6 +322,29 @@ def test_freezing_embed_tokens_and_the_projector_norm_as_sketchpad_stage1_releas
     with pytest.raises(ValueError, match="ties its LM head to embed_tokens"):
         apply_freezing(model, freeze_embed_tokens=True)
     apply_freezing(model, freeze_language_model=True, freeze_embed_tokens=True)  # both frozen anyway: fine
+
+
+def test_embeddings_masked_to_the_added_rows_get_no_weight_decay(tiny_base, tmp_path):
+    """AdamW's decoupled decay would shrink the frozen rows a masked (zero) gradient leaves as loaded: the matrix
+    goes to a no-decay group (with DeepSpeed, sft.py drops the config's one-decay optimizer for these groups)."""
+    from transformers import TrainingArguments
+
+    from vlatent.training import LatentTrainer, LoraSettings, apply_freezing, apply_lora
+
+    model = LatentVLM.from_pretrained(tiny_base, method="mirage")
+    apply_freezing(model, freeze_embed_tokens=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), weight_decay=0.1, use_cpu=True, report_to=[],
+                             save_strategy="no")
+    weight, head = model.backbone.model.get_input_embeddings().weight, model.backbone.model.lm_head.weight
+    decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in LatentTrainer(model=model, args=args)
+             .create_optimizer().param_groups}
+    assert id(weight) in decay[0.0] and id(head) in decay[0.1]
+    model = LatentVLM.from_pretrained(tiny_base, method="mirage")
+    apply_lora(model, LoraSettings(r=4))  # LoRA masks the same way without train_embeddings
+    decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in LatentTrainer(model=model, args=args)
+             .create_optimizer().param_groups}
+    assert id(model.backbone.model.get_input_embeddings().weight) in decay[0.0]
+
 
 def test_lora_recipe_errors_name_the_key(tmp_path, tiny_base, maze, capsys):
     cfg = tiny_recipe(tmp_path, tiny_base, maze, method="text")

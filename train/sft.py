@@ -27,6 +27,7 @@ from vlatent.data import RecordError, load_records
 from vlatent.model import LatentVLM
 from vlatent.training import (LatentTrainer, LoraSettings, apply_freezing, apply_lora, load_deepspeed_config,
                               load_recipe, parameter_counts, plot_losses)
+from vlatent.training.lora import row_masked
 from vlatent.training.trainer import (MANIFEST, STAGING, CheckpointError, NonFiniteError, checkpoints,
                                       verify_checkpoint)
 
@@ -184,15 +185,20 @@ def load_model(recipe, rank: int) -> tuple[LatentVLM, dict]:
     return model, counts
 
 
-def training_arguments(recipe) -> TrainingArguments:
+def training_arguments(recipe, model=None) -> TrainingArguments:
+    """The recipe's TrainingArguments; ``model`` (the one to train) says whether param groups are needed."""
     if recipe.deepspeed:
         single_process_env()
     training = {"logging_steps": 1, "save_strategy": "no",
                 "use_cpu": not torch.cuda.is_available(),  # no GPU: accelerate's multi-CPU (gloo) path
                 **recipe.training}
     deepspeed = recipe.deepspeed
-    if deepspeed and getattr(recipe, "multi_modal_projector_lr", None) is not None:
-        # DeepSpeed's own optimizer takes one flat parameter list: drop it, so the Trainer builds the param groups
+    grouped = getattr(recipe, "multi_modal_projector_lr", None) is not None or bool(
+        model is not None and training.get("weight_decay") and any(row_masked(p) for p in model.parameters()))
+    if deepspeed and grouped:
+        # DeepSpeed's own optimizer takes one flat parameter list, one learning rate and weight decay for all: drop
+        # it, so the Trainer builds the param groups (the projector's learning rate; no decay on an embedding matrix
+        # whose gradient is masked to the added tokens' rows, or its frozen rows would shrink)
         deepspeed = {k: v for k, v in load_deepspeed_config(deepspeed).items() if k != "optimizer"}
     return TrainingArguments(**training, deepspeed=deepspeed, remove_unused_columns=False)
 
@@ -255,7 +261,7 @@ def main(argv=None) -> int:
               f"{counts['trainable'] / 1e6:.2f}M trainable / {counts['frozen'] / 1e6:.2f}M frozen parameters")
 
     train_data, sampler = model.method.training_data(train_records, seed=seed)  # the records, or views + schedule
-    trainer = LatentTrainer(model=model, args=training_arguments(recipe), train_dataset=train_data,
+    trainer = LatentTrainer(model=model, args=training_arguments(recipe, model), train_dataset=train_data,
                             eval_dataset=eval_records, data_collator=collator, train_sampler=sampler,
                             projector_lr=recipe.multi_modal_projector_lr)
     return run(trainer, out, recipe, world_size, last, title=f"{model.method.name} SFT")

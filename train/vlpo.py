@@ -65,7 +65,7 @@ def main(argv=None) -> int:
               f"{counts['trainable'] / 1e6:.2f}M trainable / {counts['frozen'] / 1e6:.2f}M frozen parameters")
 
     try:
-        trainer = VLPOTrainer(model=model, args=training_arguments(recipe), vlpo=config, train_dataset=records)
+        trainer = VLPOTrainer(model=model, args=training_arguments(recipe, model), vlpo=config, train_dataset=records)
     except ValueError as e:  # batch size vs num_generations, method vs score_latents
         print(f"error: {e}", file=sys.stderr)
         return 2

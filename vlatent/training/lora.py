@@ -61,7 +61,8 @@ def apply_lora(model, settings: LoraSettings) -> int:
 
 def train_new_token_rows(model) -> None:
     """Keep learning the input embeddings of the tokens the method added (latent delimiters, perception codes): the
-    embedding matrix stays trainable with its gradient masked to those rows, so every other row stays as loaded."""
+    embedding matrix stays trainable with its gradient masked to those rows, so every other row stays as loaded
+    (``row_masked``: no weight decay for it either, see ``LatentTrainer.get_decay_parameter_names``)."""
     ids = [model.tokenizer.convert_tokens_to_ids(t) for t in model.method.special_tokens()]
     if not ids:
         return
@@ -70,6 +71,13 @@ def train_new_token_rows(model) -> None:
     keep[ids] = 1.0
     weight.requires_grad_(True)
     weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+    weight.vlatent_trained_rows = ids
+
+
+def row_masked(param) -> bool:
+    """Whether ``train_new_token_rows`` masked this parameter's gradient to some of its rows: AdamW's decoupled weight
+    decay would still shrink the others, which a zero gradient otherwise leaves bit-identical."""
+    return getattr(param, "vlatent_trained_rows", None) is not None
 
 
 def merge_lora(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .lora import merge_lora
+from .lora import merge_lora, row_masked
 
 MANIFEST = "vlatent_manifest.json"  # written last: a checkpoint without it is incomplete
 STAGING = ".checkpoint-staging"  # checkpoints are written here, then renamed into the run folder
@@ -159,6 +159,12 @@ class LatentTrainer(Trainer):
                            "lr": self.projector_lr})
         optimizer.param_groups[:] = [g for g in groups if g["params"]]
         return optimizer
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The Trainer's, less the embedding matrices whose gradient is masked to the added tokens' rows
+        (``freeze_embed_tokens``, LoRA without ``train_embeddings``): decay would move their frozen rows."""
+        masked = {n for n, p in model.named_parameters() if row_masked(p)}
+        return [n for n in super().get_decay_parameter_names(model) if n not in masked]
 
     def _get_train_sampler(self, train_dataset=None):
         return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
