@@ -5,7 +5,8 @@ The picture is drawn procedurally (a colour gradient under random shapes, ``--sh
 turned or mirrored, and the tiles from the same place in two other pictures (``--distractors foreign``: three other
 pictures, no turned tile). The candidates come on one board image (``--layout board``, the default) or one image each,
 each after its letter (``--layout separate``: every tile at its own resolution, which a model with few tokens per image
-can compare with the hole's neighbours). A puzzle is kept only when the right tile also continues the neighbouring
+can compare with the hole's neighbours; ``--layout inplace``: each a copy of the picture with that candidate in the gap,
+so whether it fits is read off one image). A puzzle is kept only when the right tile also continues the neighbouring
 edges best, which is what the text chain of thought checks. The helper image is the completed picture.
 
     vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2
@@ -152,6 +153,13 @@ def board_of(tiles: list[Image.Image]) -> Image.Image:
     return board
 
 
+def filled(holed: Image.Image, p: Puzzle, tile: Image.Image) -> Image.Image:
+    """The holed picture with ``tile`` pasted into its gap (``--layout inplace``: one picture per candidate)."""
+    out = holed.copy()
+    out.paste(tile, tile_box(p.grid, p.missing)[:2])
+    return out
+
+
 def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "board") -> dict:
     picture, tiles = make(p)
     holed = picture.copy()
@@ -164,8 +172,10 @@ def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "boa
         user = [0, 1, common.multiple_choice(f"{stem} The second image shows four candidate tiles. Which candidate "
                                              "fills the gap?", options)]
     else:  # each candidate's image right after its letter, so the letter sits next to the tile it names
-        images += [writer.save(tile, f"{rid}-{common.LETTERS[i]}") for i, tile in enumerate(tiles)]
-        user = [0, f"{stem} Which candidate tile fills the gap?"]
+        shown = tiles if layout == "separate" else [filled(holed, p, tile) for tile in tiles]
+        images += [writer.save(im, f"{rid}-{common.LETTERS[i]}") for i, im in enumerate(shown)]
+        user = [0, f"{stem} Which candidate tile fills the gap?" if layout == "separate" else
+                f"{stem} Each of the next four images fills the gap with one candidate tile. Which candidate fits?"]
         for i in range(4):
             user += [f"{common.LETTERS[i]}.", i + 1]
     images.append(writer.save(picture, f"{rid}-full"))
@@ -189,8 +199,9 @@ def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "boa
 def parser():
     p = common.synthetic_parser("jigsaw", __doc__)
     p.add_argument("--grid", type=int, choices=(2, 3, 4), default=2, help="tiles per side")
-    p.add_argument("--layout", choices=("board", "separate"), default="board",
-                   help="the four candidates on one board image, or one image each")
+    p.add_argument("--layout", choices=("board", "separate", "inplace"), default="board",
+                   help="the four candidates on one board image, one image each, or each pasted into the gap of a "
+                        "copy of the picture")
     p.add_argument("--distractors", choices=("mixed", "foreign"), default="mixed",
                    help="mixed: the right tile turned or mirrored and two tiles of other pictures; foreign: three "
                         "tiles of other pictures")

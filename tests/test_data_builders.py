@@ -721,3 +721,17 @@ def test_jigsaw_separate_layout_shows_each_candidate_as_its_own_image(tmp_path, 
         turned = sum(any(list(t.getdata()) == list(right.transpose(f).getdata()) for f in flips)
                      for t, s in zip(tiles, same) if not s)
         assert turned == (1 if distractors == "mixed" else 0)  # foreign: no candidate is the right tile turned
+
+
+def test_jigsaw_inplace_layout_pastes_each_candidate_into_the_gap(tmp_path):
+    assert build("jigsaw", tmp_path / "j", "--layout", "inplace", n=12) == 0
+    for r in load_records(tmp_path / "j", split="train"):
+        holed, *options, full = [Image.open(p).convert("RGB") for p in r["images"]]
+        side = full.width // r["meta"]["grid"]
+        row, col = r["meta"]["missing"]
+        gap = (col * side, row * side, (col + 1) * side, (row + 1) * side)
+        for letter, option in zip("ABCD", options):
+            outside = [(x, y) for x in range(full.width) for y in range(full.height)
+                       if not (gap[0] <= x < gap[2] and gap[1] <= y < gap[3])][::37]
+            assert all(option.getpixel(xy) == holed.getpixel(xy) for xy in outside)  # the picture around the gap
+            assert (list(option.getdata()) == list(full.getdata())) == (letter == r["answer"])  # only the answer fits
