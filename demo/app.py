@@ -534,6 +534,19 @@ def port(text: str) -> int:
     return int(text)
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let it go, so that a port in use is reported before the model loads."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise OSError(f"cannot serve on {host}:{port} ({e.strerror or e}): another server may hold the port; "
+                      "pass --port (or --host)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlatent demo", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default=None,
@@ -548,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
+        check_bindable(args.host, args.port)
         model, model_note, model_dir = load_model(args.model)
         decoder, decoder_note = find_decoder(model_dir, args.decoder, model)
         examples, examples_note = load_examples(args.examples)

@@ -396,6 +396,8 @@ def _per_bench(flag: str, values: list | None, benches: list[str]) -> list:
 
 def _device(text: str) -> str:
     """A device this machine has (an empty tensor is made on it), checked before the model loads."""
+    if text.split(":")[0] == "meta":  # torch makes tensors there, but they hold no data to generate from
+        raise argparse.ArgumentTypeError(f"{text!r} holds no data (shapes only): use cpu, cuda or another device")
     try:
         torch.empty(0, device=text)
     except Exception as e:  # RuntimeError for a bad name or no driver, NotImplementedError, AssertionError, ...

@@ -6,6 +6,7 @@ model loads. Each test names the on-disk state a real fault leaves (see docs/rel
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -463,7 +464,7 @@ def test_validate_reads_images_outside_the_dataset_only_with_allow_outside(tmp_p
 
 
 def test_eval_arguments_data_and_run_json_are_checked_before_the_model_loads(tmp_path, capsys):
-    """`--device banana`, a corrupt run.json being resumed and a --data typo are each one line naming the culprit,
+    """`--device banana` (and `meta`), a corrupt run.json being resumed and a --data typo are each one line naming the culprit,
     with a model path that does not exist: had the model loaded first, the error would name it. The predictions in
     the folder are left as they were."""
     from eval.run import main as evaluate_cli
@@ -480,6 +481,7 @@ def test_eval_arguments_data_and_run_json_are_checked_before_the_model_loads(tmp
 
     assert "argument --device: 'banana' is not a device of this machine" in error("--data", str(data), "--device",
                                                                                   "banana")
+    assert "argument --device: 'meta' holds no data" in error("--data", str(data), "--device", "meta")
     out.mkdir()
     (out / "run.json").write_text('{"model": ')  # cut short
     (out / "predictions.jsonl").write_text('{"id": "0", "error": null}\n')
@@ -493,7 +495,8 @@ def test_eval_arguments_data_and_run_json_are_checked_before_the_model_loads(tmp
 
 def test_demo_port_and_quickstart_n_are_checked_before_anything_loads(tmp_path, capsys):
     """`vlatent demo --port 70000` (bind() raised after the model loaded) and `vlatent quickstart --n 3` (the 80/10/10
-    split of 3 has an empty test split, found after training three models): refused by the argument parser."""
+    split of 3 has an empty test split, found after training three models): refused by the argument parser; a port
+    in use (found after the model loaded too): one error line before the model is looked for."""
     from demo.app import main as demo
     from vlatent.cli import main as vlatent_main
 
@@ -501,6 +504,13 @@ def test_demo_port_and_quickstart_n_are_checked_before_anything_loads(tmp_path, 
         demo(["--model", str(tmp_path / "no-model"), "--port", "70000"])
     assert e.value.code == 2 and "argument --port: expected a TCP port from 1 to 65535, got '70000'" in \
         capsys.readouterr().err
+    with socket.socket() as held:  # a port another server holds: refused before the (missing) model is looked for
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        assert demo(["--model", str(tmp_path / "no-model"), "--port", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot serve on 127.0.0.1:{taken}" in err and "no-model" not in err, err
     for n in (5, 6):  # the builders' split: 5 examples leave the test split empty, 6 do not
         assert build_data(["vsp", "--out", str(tmp_path / f"vsp{n}"), "--n", str(n), "--size", "4"]) == 0
         assert bool((tmp_path / f"vsp{n}" / "test.jsonl").read_text()) == (n == 6)
