@@ -248,7 +248,12 @@ def _claim(out: Path, settings: dict) -> None:
     if not path.is_file():
         _write_json(path, settings)
         return
-    old = _read_json(path)
+    _check_settings(out, settings)
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """Refuse ``out`` when its ``run.json`` differs from ``settings`` in any of their keys."""
+    old = _read_json(out / "run.json")
     changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
     if changed:
         raise EvalError(f"{out} holds a run with other settings ({'; '.join(changed)}); choose another --out")
@@ -436,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     for bench, data, split in zip(benches, datas, splits):  # the data and run.json are read before the model loads
         results[bench] = (split or BENCHMARKS[bench].default_split, None)
         try:
-            if (outs[bench] / "run.json").is_file():
-                _read_json(outs[bench] / "run.json")
+            if (outs[bench] / "run.json").is_file():  # the settings known without the model (it adds its own)
+                _check_settings(outs[bench], {
+                    "bench": bench, "data": _where(data or BENCHMARKS[bench].hub_id), "split": results[bench][0],
+                    "prompt": args.prompt, "latent": args.latent or "auto", "max_new_tokens": args.max_new_tokens,
+                    "images": args.images})
             ready[bench] = load_examples(BENCHMARKS[bench], data, results[bench][0], args.prompt, args.allow_outside)
         except EvalError as e:  # with several benchmarks the others still run; the command fails at the end
             print(f"error: {bench + ': ' if many else ''}{e}", file=sys.stderr)

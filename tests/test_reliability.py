@@ -464,9 +464,9 @@ def test_validate_reads_images_outside_the_dataset_only_with_allow_outside(tmp_p
 
 
 def test_eval_arguments_data_and_run_json_are_checked_before_the_model_loads(tmp_path, capsys):
-    """`--device banana` (and `meta`), a corrupt run.json being resumed and a --data typo are each one line naming the culprit,
-    with a model path that does not exist: had the model loaded first, the error would name it. The predictions in
-    the folder are left as they were."""
+    """`--device banana` (and `meta`), a corrupt run.json being resumed, a run.json of other settings and a --data typo
+    are each one line naming the culprit, with a model path that does not exist: had the model loaded first, the
+    error would name it. The predictions in the folder are left as they were."""
     from eval.run import main as evaluate_cli
     from test_eval import mmstar_rows, write_mmstar
 
@@ -488,6 +488,11 @@ def test_eval_arguments_data_and_run_json_are_checked_before_the_model_loads(tmp
     assert f"{out / 'run.json'} is corrupt" in error("--data", str(data))
     (out / "run.json").write_text("[]")
     assert f"{out / 'run.json'} is corrupt" in error("--data", str(data))
+    (out / "run.json").write_text(json.dumps({"bench": "mmstar", "data": str(data.resolve()), "split": "val",
+                                              "prompt": "official", "latent": "auto", "max_new_tokens": 64,
+                                              "images": "on"}))
+    err = error("--data", str(data), "--max-new-tokens", "32")  # a rerun with other settings, found before the model
+    assert "holds a run with other settings (max_new_tokens: 64 there, 32 now)" in err, err
     assert (out / "predictions.jsonl").read_text() == '{"id": "0", "error": null}\n'
     assert "--data 'mmstr.parquet': no such file or folder" in error("--data", "mmstr.parquet", "--out",
                                                                       str(tmp_path / "new"))
