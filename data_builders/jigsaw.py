@@ -8,6 +8,7 @@ each after its letter (``--layout separate``: every tile at its own resolution, 
 can compare with the hole's neighbours; ``--layout inplace``: each a copy of the picture with that candidate in the gap,
 so whether it fits is read off one image). A puzzle is kept only when the right tile also continues the neighbouring
 edges best, which is what the text chain of thought checks. The helper image is the completed picture.
+``--question fits`` asks instead about one picture with one candidate pasted into the gap: does it fit (yes / no)?
 
     vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2
     vlatent build-data jigsaw --out data/jigsaw --n 1000 --grid 2 --layout separate --distractors foreign
@@ -39,6 +40,7 @@ class Puzzle:
     order: tuple[int, ...]  # candidates A-D: 0 right, 1 turned (or a third foreign tile), 2 and 3 foreign
     answer: str
     shapes: tuple[int, int] = (6, 10)  # how many shapes each picture has, at least and at most
+    shown: int = -1  # --question fits: the candidate (index A-D) pasted into the gap; -1: the four-candidate question
 
     @property
     def key(self):
@@ -118,15 +120,19 @@ def sample(rng, target, grid: int, foreign: bool = False, shapes: tuple[int, int
     right tile continues the neighbouring edges clearly best; ``foreign``: no turned candidate, three foreign ones."""
     order = [1, 2, 3]
     rng.shuffle(order)
-    order.insert(common.LETTERS.index(target[1]), 0)
+    fits = target[0] == "fits"
+    right = rng.randrange(4) if fits else common.LETTERS.index(target[1])
+    order.insert(right, 0)
     p = Puzzle(grid, tuple(rng.getrandbits(32) for _ in range(4 if foreign else 3)), rng.randrange(grid * grid),
                rng.choice(list(TURNS)), tuple(order), target[1], shapes)
+    if fits:  # a yes shows the right tile, a no one of the other three
+        p.shown = right if target[1] == "yes" else rng.choice([i for i in range(4) if i != right])
     picture, tiles = make(p)
     if min(gap(a, b) for i, a in enumerate(tiles) for b in tiles[i + 1:]) < MIN_GAP:
         return None
     edges = sorted(edge_gaps(picture, grid, p.missing, t) for t in tiles)
-    right = edge_gaps(picture, grid, p.missing, tiles[order.index(0)])
-    return p if right == edges[0] and edges[1] - right >= MIN_GAP else None
+    best = edge_gaps(picture, grid, p.missing, tiles[order.index(0)])
+    return p if best == edges[0] and edges[1] - best >= MIN_GAP else None
 
 
 def cut_hole(picture: Image.Image, grid: int, missing: int) -> None:
@@ -164,6 +170,8 @@ def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "boa
     picture, tiles = make(p)
     holed = picture.copy()
     cut_hole(holed, p.grid, p.missing)
+    if p.shown >= 0:
+        return render_fits(p, rid, writer, picture, holed, tiles)
     images = [writer.save(holed, rid)]
     options = [f"candidate tile {common.LETTERS[i]}" for i in range(4)]
     stem = "The first image is a picture with one tile missing (the grey square with a question mark)."
@@ -196,9 +204,35 @@ def render(p: Puzzle, rid: str, writer: common.DatasetWriter, layout: str = "boa
     return common.make_record(rid, "jigsaw", images, user, steps, p.answer, meta)
 
 
+def render_fits(p: Puzzle, rid: str, writer: common.DatasetWriter, picture: Image.Image, holed: Image.Image,
+                tiles: list[Image.Image]) -> dict:
+    """``--question fits``: one picture with one candidate pasted into its gap; does it fit (yes / no)?"""
+    images = [writer.save(filled(holed, p, tiles[p.shown]), rid), writer.save(picture, f"{rid}-full")]
+    r, c = divmod(p.missing, p.grid)
+    kind = p.order[p.shown]  # 0 right, 1 turned (or foreign), 2 and 3 foreign
+    what = ("it is the missing tile itself" if kind == 0 else
+            f"it is the missing tile {p.turn}" if kind == 1 and len(p.seeds) == 3 else
+            "it comes from a different picture")
+    score = edge_gaps(picture, p.grid, p.missing, tiles[p.shown])
+    question = (f"A tile of this picture was cut out and a candidate tile pasted in its place (row {r + 1}, column "
+                f"{c + 1} of the {p.grid}x{p.grid} grid). Does the candidate fit? Answer yes or no.")
+    cot = (f"The pasted tile is at row {r + 1}, column {c + 1}. A tile that fits continues the colours and shapes "
+           f"across every edge it shares with its neighbours. Its border differs from the pixels next to it by "
+           f"{score:.0f} on average (0-255 scale): {what}.")
+    steps = ["Let me picture the completed image with the right tile in the gap.", 1,
+             "The pasted tile " + ("matches it." if p.answer == "yes" else "differs from it.")]
+    meta = {"question_type": "fits", "grid": p.grid, "missing": [r, c],
+            "candidate": ["right", "turned" if len(p.seeds) == 3 else "foreign", "foreign", "foreign"][kind],
+            "text_cot": f"{cot} The answer is {p.answer}."}
+    return common.make_record(rid, "jigsaw", images, [0, question], steps, p.answer, meta)
+
+
 def parser():
     p = common.synthetic_parser("jigsaw", __doc__)
     p.add_argument("--grid", type=int, choices=(2, 3, 4), default=2, help="tiles per side")
+    p.add_argument("--question", choices=("candidates", "fits"), default="candidates",
+                   help="candidates: which of four tiles fills the gap (A-D); fits: one candidate pasted into the gap, "
+                        "does it fit (yes / no; --layout does not apply)")
     p.add_argument("--layout", choices=("board", "separate", "inplace"), default="board",
                    help="the four candidates on one board image, one image each, or each pasted into the gap of a "
                         "copy of the picture")
@@ -211,7 +245,8 @@ def parser():
 
 
 def build(args) -> None:
-    targets = [("missing_tile", letter) for letter in common.LETTERS[:4]]
+    targets = ([("missing_tile", letter) for letter in common.LETTERS[:4]] if args.question == "candidates" else
+               [("fits", "yes"), ("fits", "no")])
     common.synthesize(args, "jigsaw", VERSION, targets,
                       lambda rng, t: sample(rng, t, args.grid, args.distractors == "foreign", args.shapes),
                       lambda p, rid, writer: render(p, rid, writer, args.layout))

@@ -735,3 +735,22 @@ def test_jigsaw_inplace_layout_pastes_each_candidate_into_the_gap(tmp_path):
                        if not (gap[0] <= x < gap[2] and gap[1] <= y < gap[3])][::37]
             assert all(option.getpixel(xy) == holed.getpixel(xy) for xy in outside)  # the picture around the gap
             assert (list(option.getdata()) == list(full.getdata())) == (letter == r["answer"])  # only the answer fits
+
+
+def test_jigsaw_fits_question_pastes_one_candidate_and_asks_whether_it_fits(tmp_path):
+    assert build("jigsaw", tmp_path / "j", "--question", "fits", n=24) == 0
+    answers = Counter()
+    for r in load_records(tmp_path / "j", split="train"):
+        shown, full = [Image.open(p).convert("RGB") for p in r["images"]]
+        assert latents(r) == [1] and r["meta"]["question_type"] == "fits"
+        side = full.width // r["meta"]["grid"]
+        row, col = r["meta"]["missing"]
+        gap = (col * side, row * side, (col + 1) * side, (row + 1) * side)
+        inside = {(x, y) for x in range(gap[0], gap[2]) for y in range(gap[1], gap[3])}
+        differs = sum(shown.getpixel(xy) != full.getpixel(xy) for xy in inside)
+        same_outside = all(shown.getpixel((x, y)) == full.getpixel((x, y)) for x in range(0, full.width, 5)
+                           for y in range(0, full.height, 5) if (x, y) not in inside)
+        assert same_outside and (differs == 0) == (r["answer"] == "yes")  # yes: the picture is whole again
+        assert (r["meta"]["candidate"] == "right") == (r["answer"] == "yes")
+        answers[r["answer"]] += 1
+    assert answers["yes"] == answers["no"]
