@@ -250,7 +250,10 @@ def test_build_demo_and_cli(mirage_model, tmp_path, capsys):
     import gradio as gr
 
     assert isinstance(build_demo(mirage_model, note="tiny"), gr.Blocks)
-    assert vlatent_main(["demo", "--model", str(tmp_path / "missing")]) == 2
+    with socket.socket() as s:  # a free port: the demo binds it once before it looks for the model
+        s.bind(("127.0.0.1", 0))
+        free = str(s.getsockname()[1])
+    assert vlatent_main(["demo", "--model", str(tmp_path / "missing"), "--port", free]) == 2
     assert "is not a model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         vlatent_main(["demo", "--help"])
