@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -40,9 +41,14 @@ def test_wheel_runs_every_subcommand_from_any_folder(tmp_path):
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(wheels), str(src)], src,
         os.environ)
-    # the venv sees this environment's torch and friends; only vlatent itself comes from the wheel
-    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp_path, os.environ)
+    # the venv sees this environment's torch and friends (a path file naming its site-packages, read after the venv's
+    # own; --system-site-packages would reach the base interpreter's instead, without them when this is a venv); only
+    # vlatent itself comes from the wheel
+    run([sys.executable, "-m", "venv", str(venv)], tmp_path, os.environ)
     bin_ = venv / "bin"
+    own = Path(run([bin_ / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path,
+                   os.environ).strip())
+    (own / "zz_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     run([bin_ / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", *wheels.glob("*.whl")], tmp_path,
         os.environ)
     work.mkdir()
