@@ -116,8 +116,9 @@ def make(p: Puzzle) -> tuple[Image.Image, list[Image.Image]]:
 
 
 def sample(rng, target, grid: int, foreign: bool = False, shapes: tuple[int, int] = (6, 10)) -> Puzzle | None:
-    """A puzzle with the right tile at letter ``target[1]`` whose candidates differ clearly from each other and whose
-    right tile continues the neighbouring edges clearly best; ``foreign``: no turned candidate, three foreign ones."""
+    """A puzzle with the right tile at letter ``target[1]`` (a fits target: at a random letter, the shown candidate
+    chosen by the yes / no) whose candidates differ clearly from each other and whose right tile continues the
+    neighbouring edges clearly best; ``foreign``: no turned candidate, three foreign ones."""
     order = [1, 2, 3]
     rng.shuffle(order)
     fits = target[0] == "fits"
