@@ -88,21 +88,27 @@ def gap(a: Image.Image, b: Image.Image) -> float:
     return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean) / 3
 
 
-def edge_gaps(picture: Image.Image, grid: int, idx: int, tile: Image.Image) -> float:
-    """How badly ``tile`` continues the picture around tile ``idx``: mean difference between each of its border rows
-    or columns and the neighbouring pixels just outside the hole."""
+def side_gaps(picture: Image.Image, grid: int, idx: int, tile: Image.Image) -> dict[str, float]:
+    """How badly ``tile`` continues the picture around tile ``idx``, per side that has a neighbour: the mean
+    difference between its border row or column there and the pixels just outside the hole."""
     x0, y0, x1, y1 = tile_box(grid, idx)
     t = x1 - x0
-    pairs = []
+    pairs = {}
     if y0 > 0:
-        pairs.append((tile.crop((0, 0, t, 1)), picture.crop((x0, y0 - 1, x1, y0))))
+        pairs["top"] = tile.crop((0, 0, t, 1)), picture.crop((x0, y0 - 1, x1, y0))
     if y1 < SIDE:
-        pairs.append((tile.crop((0, t - 1, t, t)), picture.crop((x0, y1, x1, y1 + 1))))
+        pairs["bottom"] = tile.crop((0, t - 1, t, t)), picture.crop((x0, y1, x1, y1 + 1))
     if x0 > 0:
-        pairs.append((tile.crop((0, 0, 1, t)), picture.crop((x0 - 1, y0, x0, y1))))
+        pairs["left"] = tile.crop((0, 0, 1, t)), picture.crop((x0 - 1, y0, x0, y1))
     if x1 < SIDE:
-        pairs.append((tile.crop((t - 1, 0, t, t)), picture.crop((x1, y0, x1 + 1, y1))))
-    return sum(gap(a, b) for a, b in pairs) / len(pairs)
+        pairs["right"] = tile.crop((t - 1, 0, t, t)), picture.crop((x1, y0, x1 + 1, y1))
+    return {side: gap(a, b) for side, (a, b) in pairs.items()}
+
+
+def edge_gaps(picture: Image.Image, grid: int, idx: int, tile: Image.Image) -> float:
+    """``side_gaps`` averaged over the sides."""
+    sides = side_gaps(picture, grid, idx, tile)
+    return sum(sides.values()) / len(sides)
 
 
 def make(p: Puzzle) -> tuple[Image.Image, list[Image.Image]]:
@@ -214,12 +220,16 @@ def render_fits(p: Puzzle, rid: str, writer: common.DatasetWriter, picture: Imag
     what = ("it is the missing tile itself" if kind == 0 else
             f"it is the missing tile {p.turn}" if kind == 1 and len(p.seeds) == 3 else
             "it comes from a different picture")
-    score = edge_gaps(picture, p.grid, p.missing, tiles[p.shown])
+    sides = side_gaps(picture, p.grid, p.missing, tiles[p.shown])
     question = (f"A tile of this picture was cut out and a candidate tile pasted in its place (row {r + 1}, column "
                 f"{c + 1} of the {p.grid}x{p.grid} grid). Does the candidate fit? Answer yes or no.")
+    # each edge in words, not as a number: a trace a model can read off the picture (1.5 x MIN_GAP: the widest
+    # border change of a right tile in plain pictures is under it, most foreign tiles' edges far above)
+    edges = "; ".join(f"its {side} edge " + ("continues the picture" if g < 1.5 * MIN_GAP else "breaks off")
+                      for side, g in sides.items())
     cot = (f"The pasted tile is at row {r + 1}, column {c + 1}. A tile that fits continues the colours and shapes "
-           f"across every edge it shares with its neighbours. Its border differs from the pixels next to it by "
-           f"{score:.0f} on average (0-255 scale): {what}.")
+           f"across every edge it shares with its neighbours: {edges}. So it "
+           + ("fits" if p.answer == "yes" else "does not fit") + f": {what}.")
     steps = ["Let me picture the completed image with the right tile in the gap.", 1,
              "The pasted tile " + ("matches it." if p.answer == "yes" else "differs from it.")]
     meta = {"question_type": "fits", "grid": p.grid, "missing": [r, c],

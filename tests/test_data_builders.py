@@ -752,5 +752,9 @@ def test_jigsaw_fits_question_pastes_one_candidate_and_asks_whether_it_fits(tmp_
                            for y in range(0, full.height, 5) if (x, y) not in inside)
         assert same_outside and (differs == 0) == (r["answer"] == "yes")  # yes: the picture is whole again
         assert (r["meta"]["candidate"] == "right") == (r["answer"] == "yes")
+        cot = r["meta"]["text_cot"]  # each side with a neighbour (two in a 2x2 grid) judged in words, then the verdict
+        named = [side for side in ("top", "bottom", "left", "right") if f"its {side} edge" in cot]
+        assert named == [("top", "bottom")[row == 0], ("left", "right")[col == 0]]
+        assert ("So it fits" in cot) == (r["answer"] == "yes") and cot.endswith(f"The answer is {r['answer']}.")
         answers[r["answer"]] += 1
     assert answers["yes"] == answers["no"]
