@@ -606,7 +606,7 @@ class VLPOTrainer(LatentTrainer):
         rows = records + self._pool_records((c.difficulty_pool - 1) * needed, records)
         pool = []  # Scored groups, in generation order
         for i in range(0, len(rows), per_device):
-            pool += self._score(rows[i : i + per_device])[0].groups(g)
+            pool += self._score(rows[i : i + per_device]).groups(g)
             if not self._any(sum(bool(s.kept[0]) for s in pool) < needed):  # every process runs as many rounds
                 break
         kept = [s for s in pool if s.kept[0]][:needed]
@@ -646,10 +646,10 @@ class VLPOTrainer(LatentTrainer):
     def rollout(self, records: list[dict]) -> Rollouts:
         """Generate one completion per record (the records come in groups), score them, and build the batch."""
         start = time.perf_counter()
-        return self._finish(self._score(records)[1], start)
+        return self._finish(self._build(self._score(records)), start)
 
     @torch.no_grad()
-    def _score(self, records: list[dict]) -> tuple[Scored, Rollouts]:
+    def _score(self, records: list[dict]) -> Scored:
         """Generate one completion per record, score them and log them (the difficulty filter's verdicts too)."""
         c, policy = self.vlpo, self.accelerator.unwrap_model(self.model).policy
         start = time.perf_counter()
@@ -683,16 +683,23 @@ class VLPOTrainer(LatentTrainer):
             scored.kept = keep.repeat_interleave(c.num_generations)
             self._metrics["difficulty/groups_dropped"].append(float((~keep).sum()))
             self._metrics["difficulty/groups_kept"].append(float(keep.sum()))
-        r = self._build(scored)
-        self._log_rollouts(rewards, table, r, generations, generation_s)
-        return scored, r
+        self._log_rollouts(rewards, table, generations, generation_s)
+        return scored
 
     def _build(self, s: Scored) -> Rollouts:
-        """The micro-batch of ``s``'s rows, its rows' filter verdicts as ``kept``."""
+        """The micro-batch of ``s``'s rows, its rows' filter verdicts as ``kept``; logs its actions."""
         policy = self.accelerator.unwrap_model(self.model).policy
         r = build_rollouts(policy, s.images, s.prompts, s.prefixes, s.generations, s.advantages,
                            [x["id"] for x in s.records])
         r.kept = None if s.kept is None else s.kept.to(r.text_mask.device)
+        m, n = self._metrics, len(s.generations)
+        m["completions/text_tokens"].append(r.text_mask.sum().item() / n)
+        m["completions/latent_steps"].append(r.latent_mask.sum().item() / n)
+        if self.vlpo.score_latents and not r.latent_mask.any() and not self._warned_no_latents:
+            self._warned_no_latents = True
+            logger.warning("score_latents is on but these rollouts hold no latent step: this batch trains the text "
+                           "only (the model opened no latent segment; a prefix ending in the latent start token "
+                           "forces one)")
         return r
 
     @torch.no_grad()
@@ -719,7 +726,7 @@ class VLPOTrainer(LatentTrainer):
         dist.all_gather(parts, t)
         return torch.cat(parts).cpu()
 
-    def _log_rollouts(self, rewards, table, r: Rollouts, generations, generation_s) -> None:
+    def _log_rollouts(self, rewards, table, generations, generation_s) -> None:
         g = self.vlpo.num_generations
         groups = rewards.view(-1, g)
         m = self._metrics
@@ -729,8 +736,6 @@ class VLPOTrainer(LatentTrainer):
         for name, column in zip(self.vlpo.reward_funcs, table.T):
             m[f"rewards/{name}/mean"].append(column.nanmean().item())
         m["completions/mean_length"].append(sum(x.num_steps for x in generations) / len(generations))
-        m["completions/text_tokens"].append(r.text_mask.sum().item() / len(generations))
-        m["completions/latent_steps"].append(r.latent_mask.sum().item() / len(generations))
         means = [s.means for g in generations for s in g.latent_segments]
         if means:  # the scale exploration noise is judged against
             norm = torch.cat(means).float().norm(dim=-1).mean().item()
@@ -744,11 +749,6 @@ class VLPOTrainer(LatentTrainer):
                                    f"sigma*sqrt(d)={noise:.3g} = {noise / max(norm, 1e-12):.3g} x the measured norm of "
                                    f"the latent means |mu|={norm:.3g}")
         m["time/generation_s"].append(generation_s)  # the decode loop
-        if self.vlpo.score_latents and not r.latent_mask.any() and not self._warned_no_latents:
-            self._warned_no_latents = True
-            logger.warning("score_latents is on but these rollouts hold no latent step: this batch trains the text "
-                           "only (the model opened no latent segment; a prefix ending in the latent start token "
-                           "forces one)")
 
     # -- the update ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs: Rollouts, return_outputs=False, num_items_in_batch=None):
