@@ -94,8 +94,7 @@ def evaluate(model: LatentVLM, bench: str, data: str | os.PathLike | None, out: 
     examples = examples[:limit]
     out = Path(out)
     settings = {"model": _where(model.backbone.model.name_or_path), "method": model.method.name,
-                "bench": bench.name, "data": _where(data or bench.hub_id), "split": split, "prompt": prompt,
-                "latent": latent, "max_new_tokens": max_new_tokens, "images": images}
+                **_run_settings(bench, data, split, prompt, latent, max_new_tokens, images)}
     _claim(out, settings)
 
     own = out / (PREDICTIONS if world_size == 1 else f"predictions.rank{rank}.jsonl")
@@ -174,6 +173,13 @@ def latent_kwargs(model: LatentVLM, latent: str) -> dict:
             raise EvalError(f"--latent on needs a method with latent tokens; {model.method.name!r} has none")
         return {"prefix": model.method.config.latent_start_token}
     return {"allow_latents": False} if latent == "off" and uses else {}
+
+
+def _run_settings(bench: Benchmark, data, split: str, prompt: str, latent: str, max_new_tokens: int,
+                 images: str) -> dict:
+    """What ``run.json`` records of a run besides the model and method (known before the model loads)."""
+    return {"bench": bench.name, "data": _where(data or bench.hub_id), "split": split, "prompt": prompt,
+            "latent": latent, "max_new_tokens": max_new_tokens, "images": images}
 
 
 def _where(path_or_id) -> str:
@@ -442,10 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         results[bench] = (split or BENCHMARKS[bench].default_split, None)
         try:
             if (outs[bench] / "run.json").is_file():  # the settings known without the model (it adds its own)
-                _check_settings(outs[bench], {
-                    "bench": bench, "data": _where(data or BENCHMARKS[bench].hub_id), "split": results[bench][0],
-                    "prompt": args.prompt, "latent": args.latent or "auto", "max_new_tokens": args.max_new_tokens,
-                    "images": args.images})
+                _check_settings(outs[bench], _run_settings(BENCHMARKS[bench], data, results[bench][0], args.prompt,
+                                                          args.latent or "auto", args.max_new_tokens, args.images))
             ready[bench] = load_examples(BENCHMARKS[bench], data, results[bench][0], args.prompt, args.allow_outside)
         except EvalError as e:  # with several benchmarks the others still run; the command fails at the end
             print(f"error: {bench + ': ' if many else ''}{e}", file=sys.stderr)
