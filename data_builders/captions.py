@@ -1,6 +1,5 @@
-"""Perception captions of the synthetic tasks' pictures: read a maze or a frozen-lake map back cell by cell (and say
-at which row and column its start, goal and holes are), say where the marked points and the objects of a depth scene
-are, where a jigsaw's gap is.
+"""Perception captions of the synthetic tasks' pictures: read a maze or a frozen-lake map back cell by cell, say where
+the marked points and the objects of a depth scene are, where a jigsaw's gap is.
 
 The pretraining data of the tiny base that sees (`vlatent pretrain-base`): pictures drawn by the task builders' own
 drawing code, captions that only say what is there. Never a task question, never a helper image, and never a picture
@@ -21,7 +20,7 @@ from PIL import Image
 
 from . import common, depth, jigsaw, maze, vsp
 
-VERSION = 2  # 2: a lake's caption says where the start, the goal and the holes are
+VERSION = 1
 KINDS = ("maze", "vsp", "depth", "jigsaw")
 SIDES = ("up", "down", "left", "right")  # a maze cell's open sides, in this order
 SYMBOLS = {vsp.START: "S", vsp.GOAL: "G", vsp.HOLE: "H", vsp.ICE: "F"}  # FrozenLake's letters
@@ -134,13 +133,7 @@ def draw(p: Picture) -> tuple[Image.Image, str, dict]:
     if p.kind == "vsp":
         image, _ = vsp.draw([list(row) for row in p.data], [])
         rows = [" ".join(SYMBOLS[v] for v in row) for row in p.data]
-        where = {v: [cell_text(r, c) for r, row in enumerate(p.data) for c, x in enumerate(row) if x == v]
-                 for v in (vsp.START, vsp.GOAL, vsp.HOLE)}
-        # where S, G and the holes are, by row and column, before the rows: a reasoning trace names cells by their
-        # coordinates ("R goes right to row 4, column 4: ice"), which reading row by row alone does not teach
-        caption = (f"The start is at {where[vsp.START][0]}. The goal is at {where[vsp.GOAL][0]}. "
-                   + (f"The holes are at {'; '.join(where[vsp.HOLE])}. " if where[vsp.HOLE] else "There are no holes. ")
-                   + " ".join(f"Row {r + 1}: {row}." for r, row in enumerate(rows)))
+        caption = " ".join(f"Row {r + 1}: {row}." for r, row in enumerate(rows))
         return image, caption, {"rows": rows}
     if p.kind == "depth":
         things, points = p.data
@@ -169,8 +162,8 @@ def render(p: Picture, rid: str, writer: common.DatasetWriter) -> dict:
 
 
 def score(record: dict, text: str) -> tuple[int, int]:
-    """(cells read right, cells) of a model's ``text`` against the record's caption: maze and lake cells plus their start
-    and goal, depth points (what they are on and where), the jigsaw gap."""
+    """(cells read right, cells) of a model's ``text`` against the record's caption: maze cells (open sides) plus start
+    and goal, lake cells, depth points (what they are on and where), the jigsaw gap."""
     truth = record["answer"]
     if record["meta"]["kind"] in ("maze", "vsp"):
         units = lambda s: ([m for m in re.findall(r"(?:start|goal) is at row \d+, column \d+", s)]
