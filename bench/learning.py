@@ -276,6 +276,21 @@ def run_sketches(job: dict) -> dict:
 
 
 # -- the whole benchmark ---------------------------------------------------------------------------------------------
+def trace_check(result: dict, data: Path) -> dict | None:
+    """How right the job's written test traces are, cell sentence by cell sentence (`vlatent.analysis.trace`), read
+    from its test predictions (a tuned job scored test in its ``test`` folder)."""
+    from eval.run import PREDICTIONS
+    from vlatent.analysis import trace_scores
+
+    folder = Path(result["stages"][-1]).parent
+    found = [p for p in (folder / "test" / "eval_test", folder / "eval_test") if (p / PREDICTIONS).is_file()]
+    if not found:
+        return None
+    references = {r["id"]: r["meta"]["text_cot"] for r in map(json.loads, (data / "test.jsonl").open())
+                  if "text_cot" in r.get("meta", {})}
+    return trace_scores(references, [json.loads(line) for line in (found[0] / PREDICTIONS).open()])
+
+
 def fingerprint(job: dict) -> dict:
     """What a job's result depends on (its settings, budget, and the arm as it applies to the job's task), kept in
     result.json to spot stale results: editing an arm's settings for one task leaves its other tasks' results valid."""
@@ -458,6 +473,19 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                            for m in INTERVENTIONS)
             lines.append(f"| {arm} | {t} | {mean_std([r['accuracy'] for r in rs])} | {cell['zero']} | {cell['swap']} "
                          f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} |")
+    traced = [(arm, t, rs) for arm in arms for t in tasks
+              for rs in [[r["trace"] for r in ok if r["name"] == arm and r["task"] == t and r.get("trace")]]
+              if any(x["start"] or x["steps"] for x in rs)]  # an arm that writes no cell sentence has no row
+    if traced:
+        lines += ["", "## What the traces get right", "",
+                  "Each test output's sentences that name a grid cell against its record's reference trace "
+                  "(`meta.text_cot`, `vlatent.analysis.trace`), in order: the start cell it names (reading the "
+                  "picture), the later steps right in their place (the walk), the whole walk exact; mean over seeds.",
+                  "", "| arm | task | start | steps | whole walk |", "|---|---|---|---|---|"]
+        for arm, t, rs in traced:
+            steps = [x["steps"] for x in rs if x["steps"] is not None]
+            lines.append(f"| {arm} | {t} | {mean_std([x['start'] for x in rs])} | {mean_std(steps)} "
+                         f"| {mean_std([x['exact'] for x in rs])} |")
     lines += ["", "## Cost and settings", "",
               "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split "
               f"({budget.get('val_examples') or 'all'} examples) kept (ties: the first listed) and only it scored "
@@ -690,6 +718,9 @@ def main() -> int:
         trial["total_s"] += extra["total_s"]
         trial.update({k: extra[k] for k in ("accuracy", "fresh_accuracy", "latent", "interventions", "latent_rate")
                       if k in extra})
+    for r in results:
+        if "error" not in r:
+            r["trace"] = trace_check(r, data[r["task"]])
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
     write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
                  time.time() - t0, reused(done))

@@ -1,5 +1,8 @@
-"""Analyses of trained models' latents: interventions (does the answer depend on the latents?)."""
+"""Analyses of trained models: latent interventions (does the answer depend on the latents?) and trace checks (which
+step of a written reasoning trace goes wrong?)."""
 
 from .intervene import MODES, InterventionResult, LatentReplacer, answer_text, intervene
+from .trace import TraceCheck, check_trace, trace_scores
 
-__all__ = ["MODES", "InterventionResult", "LatentReplacer", "answer_text", "intervene"]
+__all__ = ["MODES", "InterventionResult", "LatentReplacer", "TraceCheck", "answer_text", "check_trace", "intervene",
+           "trace_scores"]
