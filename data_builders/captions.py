@@ -102,16 +102,6 @@ def sample(rng, target, sizes: tuple[int, int], walls: tuple[int, int]) -> Pictu
     return Picture(kind, (grid, rng.getrandbits(32), rng.randrange(grid * grid)))
 
 
-def cell_text(r: int, c: int) -> str:
-    return f"row {r + 1}, column {c + 1}"
-
-
-def grid_cell(x: float, y: float) -> tuple[int, int]:
-    """(row, column) of a pixel of a depth scene on the GRID x GRID grid."""
-    step = depth.SIDE / GRID
-    return min(GRID - 1, int(y // step)), min(GRID - 1, int(x // step))
-
-
 def surface(things, ids: Image.Image, point) -> str:
     """What a depth scene's pixel shows: an object, the ground or the sky."""
     if ids.getpixel(point):
@@ -126,8 +116,8 @@ def draw(p: Picture) -> tuple[Image.Image, str, dict]:
         image, _, _ = maze.draw(maze.Maze(size, list(cells), start, goal, "", "", ""), wall)
         rows = ["; ".join(" ".join(s for s in SIDES if cell & maze.BIT[s]) or "closed"
                           for cell in cells[r * size:(r + 1) * size]) for r in range(size)]
-        caption = (f"The start is at {cell_text(*divmod(start, size))}. "
-                   f"The goal is at {cell_text(*divmod(goal, size))}. "
+        caption = (f"The start is at {common.cell_name(*divmod(start, size))}. "
+                   f"The goal is at {common.cell_name(*divmod(goal, size))}. "
                    + " ".join(f"Row {r + 1}: {row}." for r, row in enumerate(rows)))
         return image, caption, {"size": size, "cells": list(cells), "start": start, "goal": goal}
     if p.kind == "vsp":
@@ -140,17 +130,18 @@ def draw(p: Picture) -> tuple[Image.Image, str, dict]:
         image, ids = depth.draw_scene(things)
         depth.mark(image, points)
         objects = [f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.kind} at "
-                   f"{cell_text(*grid_cell(t.x, t.box()[3]))}" for t in sorted(things, key=lambda t: t.x)]
-        where = {label: (surface(things, ids, pt), grid_cell(*pt)) for label, pt in zip("AB", points)}
+                   f"{common.cell_name(*depth.grid_cell(t.x, t.box()[3], GRID))}"
+                   for t in sorted(things, key=lambda t: t.x)]
+        where = {label: (surface(things, ids, pt), depth.grid_cell(*pt, GRID)) for label, pt in zip("AB", points)}
         caption = (f"Objects, left to right: {', '.join(objects)}. "
-                   + " ".join(f"Point {label} is on {what} at {cell_text(*rc)}."
+                   + " ".join(f"Point {label} is on {what} at {common.cell_name(*rc)}."
                               for label, (what, rc) in where.items()))
         return image, caption, {"points": {k: [w, list(rc)] for k, (w, rc) in where.items()}}
     grid, seed, missing = p.data
     picture = jigsaw.paint(seed)
     jigsaw.cut_hole(picture, grid, missing)
     r, c = divmod(missing, grid)
-    return picture, f"The missing tile is at {cell_text(r, c)} of the {grid}x{grid} grid.", {"missing": [r, c]}
+    return picture, f"The missing tile is at {common.cell_name(r, c)} of the {grid}x{grid} grid.", {"missing": [r, c]}
 
 
 def render(p: Picture, rid: str, writer: common.DatasetWriter) -> dict:

@@ -34,6 +34,11 @@ SYNTHETIC_SPLIT = (0.8, 0.1, 0.1)  # the synthetic builders' default --split
 OUTPUTS = ("dataset_info.json", *(f"{s}.jsonl" for s in SPLITS), "images")  # what a build puts in its folder
 
 
+def cell_name(r: int, c: int) -> str:
+    """A grid cell as reasoning traces and captions name it, from 0-based (row, column)."""
+    return f"row {r + 1}, column {c + 1}"
+
+
 class BuildError(Exception):
     """A problem with the input or the request; reported as ``error: ...`` with exit code 2, without a traceback."""
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import common
 
-VERSION = 1
+VERSION = 2  # 2: meta.text_cot names where A and B are and compares their footings (was: depths as numbers)
 SIDE, HORIZON = 160, 56  # image side and horizon row, in pixels
 NEAR, FAR = 1.5, 40.0  # depth of the bottom image row and of the sky, in camera heights
 K = NEAR * (SIDE - 1 - HORIZON)  # ground depth at row y is K / (y - HORIZON)
@@ -85,6 +85,12 @@ def depth_at(things, ids: Image.Image, point) -> tuple[float, str]:
     return K / (point[1] - HORIZON), "the ground"
 
 
+def grid_cell(x: float, y: float, grid: int = 4) -> tuple[int, int]:
+    """(row, column) of a pixel on a ``grid`` x ``grid`` grid laid over the picture."""
+    step = SIDE / grid
+    return min(grid - 1, int(y // step)), min(grid - 1, int(x // step))
+
+
 def random_things(rng, objects: tuple[int, int]) -> tuple[Thing, ...]:
     """Between ``objects[0]`` and ``objects[1]`` objects of different colour and kind, far to near."""
     kinds = rng.sample([(c, k) for c in COLORS for k in KINDS], rng.randint(*objects))
@@ -142,10 +148,15 @@ def render(s: Scene, rid: str, writer: common.DatasetWriter, marker: int = 0) ->
     mark(scene, s.points, marker)
     images = [writer.save(scene, rid), writer.save(depth, f"{rid}-depth")]
     other = "B" if s.answer == "A" else "A"
-    where = [f"point {label} lies on {what} at depth {dist:.1f}" for label, (dist, what) in zip("AB", facts)]
-    cot = (f"Objects stand on a flat ground: the lower their base in the image and the larger they look, the nearer "
-           f"they are, and nearer objects hide farther ones. Judging by that, {where[0]} and {where[1]} (in camera "
-           f"heights). Point {s.answer} is closer to the camera than point {other}.")
+    # words a model can check against the picture: what each point is on and where, then whose footing is lower in
+    # the picture (an object's base, or a ground point itself), which orders depth exactly on a flat ground
+    where = " ".join(f"Point {label} is on {what} at {common.cell_name(*grid_cell(*p))}."
+                     for label, p, (_, what) in zip("AB", s.points, facts))
+    footing = {label: f"point {label}" if what == "the ground" else f"the base of {what}"
+               for label, (_, what) in zip("AB", facts)}
+    cot = (f"On a flat ground, what stands lower in the picture is nearer. {where} "
+           f"{footing[s.answer][0].upper()}{footing[s.answer][1:]} is lower in the picture than {footing[other]}, "
+           f"so point {s.answer} is closer to the camera than point {other}.")
     steps = ["Let me estimate the depth map of the scene.", 1,
              f"In the depth map point {s.answer} is brighter than point {other}, so it is closer to the camera."]
     meta = {"question_type": "closer_point", "points": {"A": list(s.points[0]), "B": list(s.points[1])},

@@ -195,10 +195,6 @@ def sample(rng, target, size_range) -> Maze | None:
     return Maze(size, cells, start, goal, qtype, question, answer, moves, options)
 
 
-def cell_name(r: int, c: int) -> str:
-    return f"row {r + 1}, column {c + 1}"
-
-
 def center(r: int, c: int, cell: int, pad: int) -> tuple[int, int]:
     return pad + c * cell + cell // 2, pad + r * cell + cell // 2
 
@@ -234,7 +230,7 @@ def render(m: Maze, rid: str, writer: common.DatasetWriter, wall: int = 2) -> di
     rg, cg = divmod(m.goal, m.size)
     qtype = m.qtype
     if m.moves:
-        cot = [f"Start at {cell_name(rs, cs)}."]
+        cot = [f"Start at {common.cell_name(rs, cs)}."]
         # the latent trace says in words what the text CoT says (where each run ends), the sketch after each run
         steps = ["I'll trace the route from the start one straight run at a time.", cot[0]]
         sketch = base.copy()
@@ -244,7 +240,7 @@ def render(m: Maze, rid: str, writer: common.DatasetWriter, wall: int = 2) -> di
             r2, c2 = r + MOVES[direction][0] * n, c + MOVES[direction][1] * n
             d.line([center(r, c, cell, pad), center(r2, c2, cell, pad)], fill=ROUTE, width=max(3, cell // 5))
             images.append(writer.save(sketch, f"{rid}-step{j}"))
-            cot.append(f"Go {direction} {n} to {cell_name(r2, c2)}.")
+            cot.append(f"Go {direction} {n} to {common.cell_name(r2, c2)}.")
             steps += [cot[-1], len(images) - 1]
             r, c = r2, c2
         cot.append("That is the goal.")
@@ -265,9 +261,9 @@ def render(m: Maze, rid: str, writer: common.DatasetWriter, wall: int = 2) -> di
                         fill=START if idx == m.start else SHADE)
         images.append(writer.save(sketch, f"{rid}-step1"))
         steps = ["Let me shade every cell that can be reached from the start.", 1]
-        cot = [f"Start at {cell_name(rs, cs)} and follow every open passage: {len(reach)} of the "
-               f"{m.size * m.size} cells can be reached, and the goal at {cell_name(rg, cg)} is not one of them, "
-               "because a wall cuts it off."]
+        cot = [f"Start at {common.cell_name(rs, cs)} and follow every open passage: {len(reach)} of the "
+               f"{m.size * m.size} cells can be reached, and the goal at {common.cell_name(rg, cg)} is not one of "
+               "them, because a wall cuts it off."]
         end = "The goal lies outside the shaded region, so it cannot be reached."
     cot.append(end)
     meta = {"question_type": qtype, "size": m.size, "cells": m.cells, "start": [rs, cs], "goal": [rg, cg],

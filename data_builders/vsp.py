@@ -208,13 +208,13 @@ def draw(map_desc, actions: list[str]) -> tuple[Image.Image, Image.Image]:
 def explain(map_desc, actions: list[str]) -> str:
     """The walk in words, action by action."""
     r, c = find(map_desc, START)
-    words = [f"Start at row {r + 1}, column {c + 1}."]
+    words = [f"Start at {common.cell_name(r, c)}."]
     for a in actions:
         r, c = r + ACTIONS[a][0], c + ACTIONS[a][1]
         if not (0 <= r < len(map_desc) and 0 <= c < len(map_desc)):
             return " ".join(words + [f"{a} walks off the grid."])
         kind = {HOLE: "a hole", GOAL: "the goal", START: "the start", ICE: "ice"}[map_desc[r][c]]
-        words.append(f"{a} goes {NAMES[a]} to row {r + 1}, column {c + 1}: {kind}.")
+        words.append(f"{a} goes {NAMES[a]} to {common.cell_name(r, c)}: {kind}.")
         if map_desc[r][c] in (HOLE, GOAL):
             break
     return " ".join(words)

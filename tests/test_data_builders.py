@@ -4,6 +4,7 @@ half-written split."""
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -236,6 +237,20 @@ def test_depth_map_is_saved_and_brighter_at_the_closer_point(built):
         assert closer == r["answer"] and max(m["depths"].values()) >= 1.25 * min(m["depths"].values())
         gray = {k: depth_map.getpixel(tuple(m["points"][k])) for k in "AB"}
         assert gray[r["answer"]] > gray["B" if r["answer"] == "A" else "A"]
+
+
+def test_depth_text_cot_places_the_points_and_names_the_nearer_footing(built):
+    """Each point's cell on a 4x4 grid of the 160 px picture (by hand: 40 px a cell), then the point whose footing
+    is lower (the smaller depth) named as the nearer one, in the order the sentence gives them."""
+    for r in load_records(built["depth"], split="train"):
+        m, cot = r["meta"], r["meta"]["text_cot"]
+        for label, (x, y) in m["points"].items():
+            cell = f"row {y // 40 + 1}, column {x // 40 + 1}"
+            assert re.search(rf"Point {label} is on (the ground|the \w+ \w+) at {cell}\.", cot), cot
+        near, far = sorted("AB", key=m["depths"].get)
+        assert re.search(rf"is lower in the picture than [^,]+, so point {near} is closer to the camera than "
+                         rf"point {far}\. The answer is {near}\.$", cot), cot
+        assert "depth " not in cot  # no number a model cannot read off the picture
 
 
 def test_count_boxes_the_counted_objects(built):
