@@ -77,14 +77,14 @@ def load_arm(name: str, arms_dir: Path = ARMS_DIR) -> dict:
 # -- data ----------------------------------------------------------------------------------------------------------
 def build_task(task: str, root: Path, n: int, seed: int = 0, split: str = "0.8,0.1,0.1", name: str = "data") -> Path:
     """The task's data under ``root/name``, built once; rebuilt, and the task's finished jobs dropped, when the
-    folder was built with other builder arguments (an edited ``TASKS`` entry)."""
+    folder was built with other builder arguments (an edited ``TASKS`` entry) or by another version of its builder."""
     out = root / name / task
     argv = ["--out", str(out), "--n", str(n), "--seed", str(seed), "--split", split, *TASKS[task]]
     if (out / "dataset_info.json").is_file():
         if built_with(task, out, argv):
             return out
-        print(f"{out}: built with other arguments than {' '.join(TASKS[task])!r}: rebuilding it and rerunning its "
-              "jobs", flush=True)
+        print(f"{out}: built with other arguments than {' '.join(TASKS[task])!r} or by another builder version: "
+              "rebuilding it and rerunning its jobs", flush=True)
         shutil.rmtree(out)
         for stale in (root / "runs").glob(f"*/{task}"):
             shutil.rmtree(stale)
@@ -94,13 +94,17 @@ def build_task(task: str, root: Path, n: int, seed: int = 0, split: str = "0.8,0
 
 
 def built_with(task: str, out: Path, argv: list[str]) -> bool:
-    """Whether ``out``'s dataset_info.json records the arguments ``argv`` parse to (an option newer than the folder
-    counts as its default)."""
-    parser = importlib.import_module(f"data_builders.{task}").parser()
+    """Whether ``out``'s dataset_info.json records the builder's current version and the arguments ``argv`` parse to
+    (an option newer than the folder counts as its default)."""
+    builder = importlib.import_module(f"data_builders.{task}")
+    parser = builder.parser()
     plain = lambda ns: {k: v for k, v in json.loads(json.dumps(vars(ns), default=str)).items()  # noqa: E731
                         if k not in ("out", "overwrite")}
     defaults = plain(parser.parse_args(argv[:8]))  # --out, --n, --seed, --split
-    recorded = json.loads((out / "dataset_info.json").read_text())["arguments"]
+    info = json.loads((out / "dataset_info.json").read_text())
+    if info.get("version") != builder.VERSION:
+        return False
+    recorded = info["arguments"]
     return {**defaults, **{k: v for k, v in recorded.items() if k in defaults}} == plain(parser.parse_args(argv))
 
 

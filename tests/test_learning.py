@@ -13,6 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import learning  # noqa: E402
+from data_builders import depth  # noqa: E402
 from vlatent.data import RecordError, present, write_view  # noqa: E402
 
 RECORD = {"id": "r", "images": ["q.png", "h.png"], "answer": "B", "task": "maze",
@@ -38,6 +39,12 @@ def test_task_data_built_with_other_arguments_is_rebuilt_and_its_jobs_dropped(tm
     info = json.loads((data / "dataset_info.json").read_text())
     assert info["arguments"]["marker"] == 24
     assert not stale.exists() and (kept / "result.json").is_file()  # only the rebuilt task's jobs go
+
+    stale.mkdir(parents=True)  # the folder is from another version of the builder (its records changed): rebuilt
+    before = (data / "train.jsonl").stat().st_mtime_ns
+    monkeypatch.setattr(depth, "VERSION", depth.VERSION + 1)
+    learning.build_task("depth", tmp_path, n=10)
+    assert (data / "train.jsonl").stat().st_mtime_ns != before and not stale.exists()
 
 def test_record_views():
     assert present([RECORD], "as_built") == [RECORD]
