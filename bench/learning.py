@@ -408,7 +408,7 @@ def figure_name(report: Path, what: str) -> str:
     return f"{report.stem.lower()}_{what}.png"
 
 
-def write_report(path: Path, results: list[dict], trials: dict, args, budget: dict, chances: dict,
+def write_report(path: Path, results: list[dict], trials: dict, args, budget: dict, chances: dict, versions: dict,
                  sketches: dict | None, wall_s: float, reuse: str) -> None:
     ok = [r for r in results if "error" not in r]
     arms = list(dict.fromkeys(r["name"] for r in results))
@@ -428,7 +428,8 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
              f"Base: `{base['path']}`, {base['seconds']:.0f} s in this invocation"
              + (f" (pretraining it took {base['pretrain_minutes']} min on 2 cores when it was built)"
                 if base["pretrain_minutes"] else "") + ".", "",
-             f"Tasks: {'; '.join(f'{t} `' + ' '.join(TASKS[t]) + '`' for t in tasks)} (`vlatent build-data TASK`, "
+             f"Tasks: {'; '.join(f'{t} `' + ' '.join(TASKS[t]) + f'` (builder version {versions[t]})' for t in tasks)} "
+             "(`vlatent build-data TASK`, "
              f"{budget['n']} examples, seed 0, 80/10/10 split).", "",
              "Test accuracy, mean ± std over seeds; in brackets the same models on a test set built with a seed the "
              f"bench never uses otherwise ({budget['fresh_n']} examples, seed {FRESH_SEED}). Chance: uniform over "
@@ -726,7 +727,8 @@ def main() -> int:
         if "error" not in r:
             r["trace"] = trace_check(r, data[r["task"]])
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
-    write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, sketches,
+    versions = {t: json.loads((data[t] / "dataset_info.json").read_text())["version"] for t in tasks}
+    write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, versions, sketches,
                  time.time() - t0, reused(done))
     plot_curves(report.parent / figure_name(report, "curves"), results)
     print(f"report: {report}")
