@@ -72,7 +72,6 @@ MMMU_IMAGES = tuple(f"image_{k}" for k in range(1, 8))
 DIRECT_MC = "Answer with the option's letter from the given choices directly."
 DIRECT_OPEN = "Answer the question using a single word or phrase."
 VLMEVALKIT_MC = "Please select the correct answer from the options above."
-LATENT_MARKER = re.compile(re.escape(generation.LATENT_MARKER).replace(re.escape("{k}"), r"\d+"))  # "[latent x4]"
 
 
 class EvalError(Exception):
@@ -526,7 +525,7 @@ def _synthetic_examples(task: str, data: str, split: str, allow_outside: Iterabl
 
 def answer_text(output: str) -> str:
     """The text a judge reads: the output without latent markers (``[latent x4]`` would read as the number 4)."""
-    return LATENT_MARKER.sub("", output)
+    return generation.LATENT_MARKER_PATTERN.sub("", output)
 
 
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*([^\n]*)", re.IGNORECASE)

@@ -9,6 +9,7 @@ never recomputed (``use_cache=False`` does recompute it, as the reference the te
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from .methods.base import LATENT_STEPS, LatentContext
 
 LATENT_MARKER = "[latent x{k}]"
+LATENT_MARKER_PATTERN = re.compile(re.escape(LATENT_MARKER).replace(re.escape("{k}"), r"\d+"))  # any k
 
 
 @dataclass

@@ -11,15 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..generation import LATENT_MARKER
+from ..generation import LATENT_MARKER_PATTERN
 
 CELL = re.compile(r"row \d+, column \d+")
-LATENT = re.compile(re.escape(LATENT_MARKER).replace(re.escape("{k}"), r"\d+"))  # a latent segment in the text
 
 
 def cell_sentences(text: str) -> list[str]:
     """The sentences of ``text`` that name a cell, in order (a sentence ends at a full stop or a latent segment)."""
-    return [s.strip() for s in re.split(r"(?<=\.)\s*", LATENT.sub(" ", text or "")) if CELL.search(s)]
+    return [s.strip() for s in re.split(r"(?<=\.)\s*", LATENT_MARKER_PATTERN.sub(" ", text or "")) if CELL.search(s)]
 
 
 @dataclass
