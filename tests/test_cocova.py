@@ -70,6 +70,43 @@ def test_losses_and_their_gradients(model, depth_data):
     model.eval()
 
 
+def test_loss_gradient_norms(model, depth_data):
+    """Each weighted loss's gradient norm: the total is what clip_grad_norm_ sees after the Trainer's backward, a
+    loss's norm scales with its weight, and no .grad is left behind."""
+    from vlatent.analysis import loss_gradient_norms
+
+    batch = model.collator()(load_records(depth_data / "train.jsonl")[:3])
+    params = [p for p in model.parameters() if p.requires_grad]
+    config = model.method.config
+
+    def norms(weight):
+        config.contrastive_weight = weight
+        torch.manual_seed(0)  # the diffusion loss draws its noise and steps
+        model.method.queue = None  # the same (empty) queue of past negatives
+        return loss_gradient_norms(model, batch)
+
+    try:
+        tenth, half = norms(0.1), norms(0.5)  # the Trainer's backward below runs at 0.5
+        torch.manual_seed(0)
+        model.method.queue = None
+        model.train()
+        model.zero_grad()
+        model(batch).loss.backward()
+        trainer_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+    finally:
+        config.contrastive_weight = 0.5
+        model.zero_grad()
+        model.eval()
+    assert set(half) == {"ce", "contrastive", "diffusion", "total"}
+    assert half["total"] == pytest.approx(trainer_norm, rel=1e-4)
+    assert tenth["contrastive"] == pytest.approx(half["contrastive"] / 5, rel=1e-4)
+    assert tenth["ce"] == pytest.approx(half["ce"], rel=1e-4)
+    assert half["total"] <= half["ce"] + half["contrastive"] + half["diffusion"] + 1e-6
+    model.zero_grad(set_to_none=True)
+    loss_gradient_norms(model, batch)
+    assert all(p.grad is None for p in params)
+
+
 def test_cached_fill_equals_the_multipass_unroll(model, tmp_path):
     """Two segments per row: the KV-cached chunked fill and the gradient-checkpointing unroll give the same losses."""
     from vlatent.testing import tiny_image

@@ -1,8 +1,9 @@
-"""Analyses of trained models: latent interventions (does the answer depend on the latents?) and trace checks (which
-step of a written reasoning trace goes wrong?)."""
+"""Analyses of trained models: latent interventions (does the answer depend on the latents?), trace checks (which
+step of a written reasoning trace goes wrong?) and each loss's gradient norm (which loss drives training?)."""
 
+from .gradients import loss_gradient_norms
 from .intervene import MODES, InterventionResult, LatentReplacer, answer_text, intervene
 from .trace import TraceCheck, check_trace, trace_scores
 
 __all__ = ["MODES", "InterventionResult", "LatentReplacer", "TraceCheck", "answer_text", "check_trace", "intervene",
-           "trace_scores"]
+           "loss_gradient_norms", "trace_scores"]

@@ -75,6 +75,8 @@ class CocovaConfig(MethodConfig):
     unet_norm_groups: int = 32
     diffusion_steps: int = 1000
     ce_weight: float = 1.0
+    # the paper gives no weights; the contrastive gradient reaches the whole LM through the thoughts and can be much
+    # larger than CE's, so under max_grad_norm clipping it shrinks CE's update: the tiny learning arm needs 0.05 / 0.1
     contrastive_weight: float = 0.5
     diffusion_weight: float = 0.5
 
