@@ -105,7 +105,7 @@ def test_one_arm_end_to_end(tmp_path):
     arms.mkdir()
     (arms / "sketchpad.yaml").write_text(yaml.safe_dump(arm))
     cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms-dir", str(arms), "--tasks", "maze",
-           "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", "runs",  # relative to cwd
+           "--seeds", "0,1", "--examples", "32", "--n", "30", "--jobs", "2", "--out", "runs",  # relative to cwd
            "--report", str(tmp_path / "LEARNING.md")]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
     runs = tmp_path / "runs/runs/sketchpad/maze"
@@ -116,7 +116,7 @@ def test_one_arm_end_to_end(tmp_path):
     chosen = max(trials, key=lambda t: (t["val_accuracy"], -arm["learning_rates"].index(t["lr"])))["lr"]
     assert [p.name for p in (runs / "seed1").iterdir()] == [f"lr{chosen:g}"]
     result = json.loads((runs / f"seed1/lr{chosen:g}/result.json").read_text())
-    assert result["examples_seen"] == 16 and "val_accuracy" not in result
+    assert result["examples_seen"] == 32 and "val_accuracy" not in result
     assert set(result["interventions"]) == {"zero", "swap", "noise"}
     # seed 0's test split and interventions: a job of their own, for the rate val picked only
     picked = json.loads((runs / f"seed0/lr{chosen:g}/test/result.json").read_text())
