@@ -236,7 +236,8 @@ def run_test(job: dict) -> dict:
 
 def run_sketches(job: dict) -> dict:
     """Sketchpad's pictures: train the arm's sketch decoder for its final model's ViT (the arm's ``figure.decoder``
-    command), then draw the first test examples' generated sketches beside their true helper images."""
+    command), then draw the first test examples' generated sketches beside their true helper images, and score the
+    first ``figure.scored`` examples' sketches against them (``score_drawn``)."""
     from PIL import Image, ImageDraw
 
     from eval.benchmarks import get_benchmark, load_examples
@@ -250,24 +251,28 @@ def run_sketches(job: dict) -> dict:
     cmd = [str(x).format(data=data, model=job["model"], out=decoder_dir) for x in spec["decoder"]]
     subprocess.run([sys.executable, *cmd, "--overwrite"], check=True, cwd=ROOT)
     decoder, model = load_decoder(decoder_dir), LatentVLM.from_pretrained(job["model"]).eval()
+    decoder_metrics = json.loads((decoder_dir / "metrics.json").read_text())
     n, steps, size = spec.get("examples", 8), spec.get("steps", 3), decoder.config.image_size
-    examples = [ex for ex in load_examples(get_benchmark(job["task"]), data, "test") if ex.error is None][:n]
+    examples = [ex for ex in load_examples(get_benchmark(job["task"]), data, "test") if ex.error is None]
+    examples = examples[: max(n, spec.get("scored", n))]
     records = {r["id"]: r for r in load_records(data / "test.jsonl")}
     gens = model.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples],
                           max_new_tokens=job["max_new_tokens"], **latent_kwargs(model, job["latent"]))
+    drawn, truth = [], [helper_images(records[ex.id]) for ex in examples]
+    for gen in gens:  # a segment cut short by max_new_tokens (the last one) is skipped
+        whole = [seg for seg in gen.latent_segments if len(seg.features) == decoder.config.num_features]
+        drawn.append(decoder.render(whole) if whole else [])
+    colour = decoder_metrics["args"].get("path_color")
+    scores = score_drawn(drawn, truth, tuple(map(int, colour.split(","))) if colour else None, size)
     label_h = 14
-    sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples) * (size + 4)), "white")
+    sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples[:n]) * (size + 4)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(["input"] + [f"{w} {i + 1}" for i in range(steps) for w in ("true", "drawn")]):
         draw.text((c * (size + 4) + 2, 1), name, fill="black")
-    for row, (ex, gen) in enumerate(zip(examples, gens)):
-        record = records[ex.id]
-        true = [item["image"] for item in record["messages"][-1]["content"] if item["type"] == "latent"]
-        whole = [seg for seg in gen.latent_segments if len(seg.features) == decoder.config.num_features]
-        drawn = decoder.render(whole[:steps]) if whole else []  # a segment cut short by max_new_tokens is skipped
-        cells = [Image.open(record["images"][0])] + [
-            im for i in range(steps) for im in (Image.open(record["images"][true[i]]) if i < len(true) else None,
-                                                 drawn[i] if i < len(drawn) else None)]
+    for row, (ex, true, mine) in enumerate(zip(examples[:n], truth, drawn)):
+        cells = [Image.open(records[ex.id]["images"][0])] + [
+            im for i in range(steps) for im in (Image.open(true[i]) if i < len(true) else None,
+                                                 mine[i] if i < len(mine) else None)]
         for c, im in enumerate(cells):
             if im is not None:
                 sheet.paste(im.convert("RGB").resize((size, size)), (c * (size + 4), label_h + row * (size + 4)))
@@ -275,8 +280,51 @@ def run_sketches(job: dict) -> dict:
     recon = Path(job["figure_out"]).with_name(Path(job["figure_out"]).stem + "_reconstructions.png")
     recon.write_bytes((decoder_dir / "reconstructions.png").read_bytes())
     return {"kind": "sketches", "name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"],
-            "metrics": json.loads((decoder_dir / "metrics.json").read_text()), "sketches": job["figure_out"],
-            "reconstructions": str(recon), "segments": [len(g.latent_segments) for g in gens]}
+            "metrics": decoder_metrics, "drawn": scores, "sketches": job["figure_out"],
+            "reconstructions": str(recon), "segments": [len(g.latent_segments) for g in gens[:n]]}
+
+
+def helper_images(record: dict) -> list[str]:
+    """The record's helper images (what its latent steps stand for), in order."""
+    return [record["images"][item["image"]] for item in record["messages"][-1]["content"] if item["type"] == "latent"]
+
+
+def score_drawn(drawn: list[list], truth: list[list[str]], colour: tuple[int, int, int] | None, size: int) -> dict:
+    """The model's decoded sketches (per example, per step) against the true helper image of the same step
+    (``own``), and against the next example's at that step (``other``): a drawing specific to its example scores
+    higher on ``own``; one average picture for every input scores the same on both."""
+    import torch
+    from PIL import Image
+
+    from train.sketch_decoder import metrics
+    from vlatent.decoders.sketch import to_tensor
+
+    def versus(shift: int) -> dict | None:
+        pairs = [(im, truth[(i + shift) % len(truth)][step]) for i, mine in enumerate(drawn)
+                 for step, im in enumerate(mine) if step < len(truth[(i + shift) % len(truth)])]
+        if not pairs:
+            return None
+        pred = torch.stack([to_tensor(im, size) for im, _ in pairs])
+        target = torch.stack([to_tensor(Image.open(path), size) for _, path in pairs])
+        return {**metrics(pred, target, colour), "sketches": len(pairs)}
+
+    return {"examples": len(drawn), "own": versus(0), "other": versus(1) if len(drawn) > 1 else None}
+
+
+def drawn_line(drawn: dict | None) -> list[str]:
+    """The report's sentence on the model's own decoded sketches (``score_drawn``)."""
+    if not drawn:
+        return []
+    own, other = drawn["own"], drawn["other"]
+    if own is None:
+        return [f"The model drew no whole sketch on the {drawn['examples']} scored test examples."]
+    key = "path_iou" if "path_iou" in own else "foreground_iou"
+    line = (f"The model's own sketches ({own['sketches']} from {drawn['examples']} test examples, decoded) against "
+            f"the true helper image of the same step: {key} {own[key]:g}, psnr {own['psnr']:g}")
+    if other:
+        line += (f"; against the next test example's helper image at that step: {key} {other[key]:g}, psnr "
+                 f"{other['psnr']:g} (a drawing specific to its example scores higher against its own)")
+    return [line + "."]
 
 
 # -- the whole benchmark ---------------------------------------------------------------------------------------------
@@ -300,7 +348,8 @@ def fingerprint(job: dict) -> dict:
     result.json to spot stale results: editing an arm's settings for one task leaves its other tasks' results valid."""
     settings = {k: v for k, v in job.items() if k not in ("out", "cost")}
     if "arm" in job:  # not a sketches job
-        settings["arm"] = {k: v for k, v in job["arm"].items() if k not in ("tasks", "cost", "eval")}
+        # the figure is the sketches job's own setting: a new decoder recipe redraws the figure, not the training
+        settings["arm"] = {k: v for k, v in job["arm"].items() if k not in ("tasks", "cost", "eval", "figure")}
         settings["arm"]["eval"] = eval_settings(job["arm"], job["task"])
     return json.loads(json.dumps(settings))
 
@@ -514,6 +563,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                   + ", ".join(f"{k} {v:g}" for k, v in m["decoded_from_features"].items())
                   + " (VAE round trip, the bound: " + ", ".join(f"{k} {v:g}" for k, v in m["vae_round_trip"].items())
                   + ").",
+                  *drawn_line(sketches.get("drawn")),
                   "Test examples: the input, then per latent step the true helper image and the sketch the model drew "
                   f"(latent segments generated per example: {sketches['segments']}).", "",
                   f"![sketches]({Path(sketches['sketches']).name})", "",

@@ -93,6 +93,31 @@ def hit_rate(eval_dir: Path) -> float:
     return sum(bool(r["correct"]) for r in rows) / len(rows)
 
 
+def test_score_drawn_pairs_each_sketch_with_its_own_step_and_the_next_examples(tmp_path):
+    """Path IoU pooled over sketches, by hand: a half-drawn path (32 of 64 path pixels) and an exact one score
+    (32 + 64) / (64 + 64) against their own helper images and 0 against the next example's (disjoint paths)."""
+    from PIL import Image, ImageDraw
+    blue = (40, 100, 230)
+
+    def picture(name, box):  # 16 px, white, the path a filled rectangle
+        im = Image.new("RGB", (16, 16), "white")
+        ImageDraw.Draw(im).rectangle(box, fill=blue)
+        im.save(tmp_path / name)
+        return im
+
+    top, half, low = (0, 0, 15, 3), (0, 0, 7, 3), (0, 8, 15, 11)  # 64, 32 and 64 pixels
+    truth = [[str(tmp_path / "a.png")], [str(tmp_path / "b.png"), str(tmp_path / "c.png")]]
+    picture("a.png", top), picture("c.png", top)
+    drawn = [[picture("half.png", half)], [picture("b.png", low)]]  # example 1 drew step 1 only
+    scores = learning.score_drawn(drawn, truth, blue, 16)
+    assert scores["own"]["sketches"] == 2 and scores["own"]["path_iou"] == pytest.approx(96 / 128)
+    # next example's step: half vs b.png (low): 0 / 96; b.png vs a.png (top): 0 / 128
+    assert scores["other"]["sketches"] == 2 and scores["other"]["path_iou"] == 0
+    assert scores["own"]["psnr"] > scores["other"]["psnr"]
+    assert "path_iou 0.75" in learning.drawn_line(scores)[0]
+    assert learning.score_drawn([[], []], truth, blue, 16)["own"] is None
+
+
 @pytest.mark.slow
 def test_one_arm_end_to_end(tmp_path):
     """sketchpad on maze, 2 seeds: seed 0 at both learning rates (val + test), seed 1 at the one val picked, the
@@ -150,6 +175,8 @@ def test_a_result_stays_valid_when_only_another_tasks_settings_change():
     job = {"name": "a", "task": "vsp", "seed": 0, "lr": 1e-3, "arm": arm, "out": "x", "cost": 2}
     other = {**arm, "cost": 3, "eval": {"latent": "auto", "max_new_tokens": {"default": 96, "maze": 288}}}
     assert learning.fingerprint({**job, "arm": other}) == learning.fingerprint(job)
+    drawn = {**arm, "figure": {"task": "vsp", "decoder": ["--aligner-steps", "3000"]}}  # the sketches job's setting
+    assert learning.fingerprint({**job, "arm": drawn}) == learning.fingerprint(job)
     this = {**arm, "eval": {"latent": "auto", "max_new_tokens": {"default": 160, "maze": 192}}}
     assert learning.fingerprint({**job, "arm": this}) != learning.fingerprint(job)
     stored = learning.fingerprint(job)  # what result.json keeps compares equal to the job it came from
