@@ -14,9 +14,9 @@ Choices the paper leaves open:
 - Compression: the helper image's n merged tokens are split into K contiguous chunks in raster order and
   each chunk is mean-pooled; when K does not divide n, the first ``n % K`` chunks hold one token more
   (``torch.tensor_split``). An image with fewer than K tokens is refused (raise min_pixels).
-- Stage 2 is unrolled one latent slot at a time: pass j recomputes the sequence up to the j-th slot of every
-  row (all rows batched), so a row with S latent slots costs S + 1 forward passes. Exact, and the only way
-  several segments per example see their true predecessors.
+- Stage 2 is unrolled exactly, one latent slot at a time, so several segments per example see their true
+  predecessors: ``LatentVLM.fill_latents`` runs the sequence once on the KV cache, in chunks that end where a slot
+  begins (with gradient checkpointing, which drops the cache, pass j recomputes every row up to its j-th slot).
 """
 
 from __future__ import annotations
