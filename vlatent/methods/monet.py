@@ -29,9 +29,9 @@ Choices the paper leaves open (or where the released code is not followed):
   text, later images and later latent segments do not see it. Latent pads see all earlier context, as they do in
   stage 3 and at inference (the released 4-D mask hides the context from the latents and the image tokens from each
   other; its recurrent pass does not). The mask is additive in the model dtype, so it works with sdpa and eager attention (not flash).
-- Latents are the student's own recurrent hidden states, computed exactly as in Mirage stage 2 (pass j recomputes
-  every row up to its j-th latent slot, backprop through the whole chain): S latent slots cost S + 1 forwards. The
-  released code detaches each latent step's input (one-step gradient); this keeps the full chain.
+- Latents are the student's own recurrent hidden states, computed exactly as in Mirage stage 2
+  (``LatentVLM.fill_latents``: one KV-cached pass in chunks that end at the slots, backprop through the whole chain).
+  The released code detaches each latent step's input (one-step gradient); this keeps the full chain.
 - Alignment = mean over tokens and over all L + 1 hidden states the decoder returns (embedding output, the input of
   each later layer, the final normed output) of ``1 - cos`` taken over the hidden dimension. The released code takes
   the cosine over the token axis; not copied. Tokens are paired by order (i-th observation token of the student with
