@@ -126,6 +126,8 @@ def test_one_arm_end_to_end(tmp_path):
     decoder = arm["figure"]["decoder"]
     for flag in ("--vae-steps", "--aligner-steps"):
         decoder[decoder.index(flag) + 1] = "3"
+    for stage, share in zip(arm["stages"], (0.75, 0.25)):  # 3 + 1 steps of 8: the 32 examples split exactly
+        stage["share"] = share
     arms = tmp_path / "arms"
     arms.mkdir()
     (arms / "sketchpad.yaml").write_text(yaml.safe_dump(arm))
