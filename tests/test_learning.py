@@ -153,6 +153,7 @@ def test_one_arm_end_to_end(tmp_path):
     report = (tmp_path / "LEARNING.md").read_text()
     assert "| sketchpad | maze |" in report and "| chance |" in report and "val accuracy per rate" in report
     assert "sketchpad's sketches (maze, seed 0)" in report
+    assert "The model's own sketches (" in report or "drew no whole sketch on the 3 scored" in report
     for png in ("learning_curves.png", "learning_sketches.png", "learning_sketches_reconstructions.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
 
