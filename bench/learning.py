@@ -195,7 +195,9 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     the share of answers whose text changed, against the unmodified run ({} for an arm without latents)."""
     from eval.benchmarks import get_benchmark, judge, load_examples
     from eval.run import latent_kwargs
-    from vlatent.analysis import intervene
+    import torch
+
+    from vlatent.analysis import intervene, latent_specificity
     from vlatent.analysis.intervene import next_with_latents
 
     if not model.method.uses_latents:
@@ -207,6 +209,11 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     chunks = [(a, min(a + 16, len(examples))) for a in range(0, len(examples), 16)]  # batches of 16
     baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
     scores = {"latent_rate": sum(bool(g.latent_segments) for g in baseline) / len(baseline), "interventions": {}}
+    latents = [torch.cat([s.latents for s in g.latent_segments]) for g in baseline if g.latent_segments]
+    if len(latents) > 1:  # how alike different examples' latents are: swapping identical latents changes nothing
+        scores["latent_across"] = latent_specificity(
+            torch.cat(latents), torch.cat([torch.full((len(z),), i) for i, z in enumerate(latents)]),
+            torch.cat([torch.arange(len(z)) for z in latents])).across
     # "swap": intervene's own donor rule (the next example with latents), over the whole split rather than per batch;
     # the one example of a split where no other has latents keeps its own
     donors = [baseline[d if d is not None else i] for i, d in
@@ -514,9 +521,11 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
               "Accuracy of each latent arm's unmodified run against the same run with every latent replaced as it is "
               "fed back (`vlatent.analysis.intervene`): zeros, another test example's latents, Gaussian noise of the "
               "same norm; \"changed\" is the share of answers whose text changed; \"latent rate\" the share of "
-              "answers that reasoned in latents at all.", "",
-              "| arm | task | accuracy | zero | swap | noise | changed (zero/swap/noise) | latent rate |",
-              "|---|---|---|---|---|---|---|---|"]
+              "answers that reasoned in latents at all; \"alike\" the mean cosine between different examples' "
+              "latents at the same step (`vlatent.analysis.latent_specificity`; near 1: every example gets the same "
+              "latents, so a swap has nothing to change).", "",
+              "| arm | task | accuracy | zero | swap | noise | changed (zero/swap/noise) | latent rate | alike |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         for t in tasks:
             rs = [r for r in ok if r["name"] == arm and r["task"] == t and r["interventions"]]
@@ -525,8 +534,11 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
             cell = {m: mean_std([r["interventions"][m]["accuracy"] for r in rs]) for m in INTERVENTIONS}
             chg = "/".join(f"{statistics.mean(r['interventions'][m]['changed'] for r in rs):.2f}"
                            for m in INTERVENTIONS)
+            across = [r["latent_across"] for r in rs if "latent_across" in r]  # results before it was measured: —
+            alike = f"{statistics.mean(across):.3f}" if across else "—"
             lines.append(f"| {arm} | {t} | {mean_std([r['accuracy'] for r in rs])} | {cell['zero']} | {cell['swap']} "
-                         f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} |")
+                         f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} | "
+                         f"{alike} |")
     traced = [(arm, t, rs) for arm in arms for t in tasks
               for rs in [[r["trace"] for r in ok if r["name"] == arm and r["task"] == t and r.get("trace")]]
               if any(x["start"] or x["steps"] for x in rs)]  # an arm that writes no cell sentence has no row
@@ -771,7 +783,8 @@ def main() -> int:
             trial["error"] = extra["error"]
             continue
         trial["total_s"] += extra["total_s"]
-        trial.update({k: extra[k] for k in ("accuracy", "fresh_accuracy", "latent", "interventions", "latent_rate")
+        trial.update({k: extra[k] for k in ("accuracy", "fresh_accuracy", "latent", "interventions", "latent_rate",
+                                             "latent_across")
                       if k in extra})
     for r in results:
         if "error" not in r:

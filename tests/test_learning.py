@@ -149,9 +149,12 @@ def test_one_arm_end_to_end(tmp_path):
     picked = json.loads((runs / f"seed0/lr{chosen:g}/test/result.json").read_text())
     assert picked["accuracy"] == pytest.approx(hit_rate(runs / f"seed0/lr{chosen:g}/test/eval_test"))
     assert set(picked["interventions"]) == {"zero", "swap", "noise"} and 0 <= picked["latent_rate"] <= 1
+    if picked["latent_rate"] > 0.2:  # several examples with latents: how alike they are is measured
+        assert -1 <= picked["latent_across"] <= 1
     assert [p.parent.name for p in runs.glob("seed0/*/test")] == [f"lr{chosen:g}"]
     report = (tmp_path / "LEARNING.md").read_text()
     assert "| sketchpad | maze |" in report and "| chance |" in report and "val accuracy per rate" in report
+    assert "| latent rate | alike |" in report
     assert "sketchpad's sketches (maze, seed 0)" in report
     assert "The model's own sketches (" in report or "drew no whole sketch on the 3 scored" in report
     for png in ("learning_curves.png", "learning_sketches.png", "learning_sketches_reconstructions.png"):

@@ -131,6 +131,30 @@ def test_mirage_stage1_teacher_forces_pooled_targets(mirage_model, records):
     torch.testing.assert_close(got, expected)
 
 
+def test_mirage_centred_alignment_subtracts_each_slots_batch_mean(mirage_model, records):
+    """``centre_targets``: predictions and targets both minus the batch mean target at the same slot index (the j-th of
+    K in every segment), then 1 - cos; the mean target alone no longer scores."""
+    from vlatent.methods.mirage import pool_to_k
+
+    batch = mirage_model.collator()(records)
+    k = mirage_model.method.config.num_latent_tokens
+    mirage_model.method.config.centre_targets = True
+    try:
+        with torch.no_grad():
+            targets = torch.cat([pool_to_k(f, k) for f in mirage_model.latent_targets(batch)])  # (segments * k, H)
+            b, t = mirage_model.latent_slots(batch)
+            embeds = mirage_model.embed_inputs(batch).index_put((b, t), targets)
+            h = mirage_model.run_language_model(embeds, batch)[0][b, t - 1]
+            segments = targets.view(-1, k, targets.shape[-1])
+            assert segments.shape[0] >= 2  # a mean over one segment would centre every target to zero
+            mean = segments.mean(0).repeat(segments.shape[0], 1)  # (segments * k, H): slot j's mean, in slot order
+            expected = (1 - torch.cosine_similarity(h - mean, targets - mean, dim=-1)).mean()
+            got = mirage_model(batch).losses["latent_alignment"]
+    finally:
+        mirage_model.method.config.centre_targets = False
+    torch.testing.assert_close(got, expected)
+
+
 def test_pool_to_k_remainder_rule():
     from vlatent.methods.mirage import pool_to_k
 

@@ -14,6 +14,11 @@ Choices the paper leaves open:
 - Compression: the helper image's n merged tokens are split into K contiguous chunks in raster order and
   each chunk is mean-pooled; when K does not divide n, the first ``n % K`` chunks hold one token more
   (``torch.tensor_split``). An image with fewer than K tokens is refused (raise min_pixels).
+- ``centre_targets`` (off by default, not in the paper): predictions and targets both minus the batch's mean target
+  at the same slot index before the cosine. When helper images differ little, their pooled embeddings are nearly
+  parallel (the tiny base's vsp route maps: cosine 0.87 between examples, depth maps 0.996), so the mean target
+  alone scores almost perfectly and stage 1 learns it: every example then imagines the same latents. Centred, only
+  what sets an example's helper image apart from the others' scores.
 - Stage 2 is unrolled exactly, one latent slot at a time, so several segments per example see their true
   predecessors: ``LatentVLM.fill_latents`` runs the sequence once on the KV cache, in chunks that end where a slot
   begins (with gradient checkpointing, which drops the cache, pass j recomputes every row up to its j-th slot).
@@ -37,6 +42,7 @@ class MirageConfig(MethodConfig):
     # MAX_LATENT_LEN = 8 latents (UMass-Embodied-AGI/Mirage@53f26de transformers/src/transformers/generation/
     # utils.py:3295, 3380-3396). The default stays "fixed": see docs/fidelity.md (inference).
     max_latent_steps: int | None = 8
+    centre_targets: bool = False  # see the module docstring; not in the paper
 
 
 def pool_to_k(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,6 +51,13 @@ def pool_to_k(features: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"a helper image gives {features.shape[0]} vision tokens, fewer than K={k} latent tokens; "
                          "use a larger image or min_pixels")
     return torch.stack([chunk.mean(0) for chunk in torch.tensor_split(features, k)])
+
+
+def slot_means(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, hidden) targets, K per segment in order -> each one's batch mean over the targets at its slot index."""
+    index = torch.arange(targets.shape[0], device=targets.device) % k
+    means = torch.stack([targets[index == j].mean(0) for j in range(k)])  # (k, hidden)
+    return means[index].detach()
 
 
 @register_method
@@ -85,8 +98,11 @@ class Mirage(LatentMethod):
             losses["latent_alignment"] = hidden.sum() * 0.0  # keeps the graph (and ZeRO-3 ranks) uniform
         else:
             b, t = slots
-            predicted = hidden[b, t - 1]  # (n_slots, hidden): the state that must predict slot t
-            losses["latent_alignment"] = (1 - F.cosine_similarity(predicted.float(), targets.float(), dim=-1)).mean()
+            predicted, targets = hidden[b, t - 1].float(), targets.float()  # (n_slots, hidden): state before slot t
+            if self.config.centre_targets:
+                mean = slot_means(targets, self.config.num_latent_tokens)  # (n_slots, hidden), no gradient
+                predicted, targets = predicted - mean, targets - mean
+            losses["latent_alignment"] = (1 - F.cosine_similarity(predicted, targets, dim=-1)).mean()
         return losses
 
     def _stage2(self, model, batch):

@@ -1,0 +1,38 @@
+"""Latent specificity (`vlatent.analysis.latent_specificity`): do different examples get different latents, and
+their own targets' ones? Hand-made unit vectors, so every cosine is 0 or 1 and the expected means are counted."""
+
+import pytest
+import torch
+
+from vlatent.analysis import latent_specificity
+
+E1, E2, E3 = torch.eye(3)
+
+
+def test_specificity_counts_same_step_pairs_of_different_examples():
+    # example 0 takes e1 then e2, example 1 e1 then e3 (scaled: cosines ignore the norm)
+    latents = torch.stack([E1, E2, 2 * E1, 5 * E3])
+    rows, index = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    targets = torch.stack([E1, E2, E2, E3])  # example 1's first latent points at example 0's first target
+    got = latent_specificity(latents, rows, index, targets)
+    # same step, other example: (e1, e1) twice -> 1, (e2, e3) twice -> 0; pairing across steps would give 0.25
+    assert got.across == pytest.approx(0.5)
+    assert got.own == pytest.approx(3 / 4)  # 1, 1, 0, 1
+    assert got.other == pytest.approx(1 / 4)  # 0, 0, 1, 0
+    assert got.retrieval == pytest.approx(3 / 4)  # all but example 1's first latent pick their own target
+    assert got.chance == pytest.approx(1 / 2)  # one other example at each step
+
+
+def test_identical_latents_are_fully_alike_and_without_targets_only_that_is_measured():
+    got = latent_specificity(torch.ones(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert got.across == pytest.approx(1.0)
+    assert got.own is got.retrieval is None
+
+
+def test_specificity_refuses_what_it_cannot_measure():
+    with pytest.raises(ValueError, match="at least two examples"):
+        latent_specificity(torch.ones(2, 4), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="3 latents but 2 rows"):
+        latent_specificity(torch.ones(3, 4), torch.tensor([0, 1]), torch.tensor([0, 0, 0]))
+    with pytest.raises(ValueError, match="targets"):
+        latent_specificity(torch.ones(2, 4), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.ones(2, 3))
