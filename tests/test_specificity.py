@@ -36,3 +36,29 @@ def test_specificity_refuses_what_it_cannot_measure():
         latent_specificity(torch.ones(3, 4), torch.tensor([0, 1]), torch.tensor([0, 0, 0]))
     with pytest.raises(ValueError, match="targets"):
         latent_specificity(torch.ones(2, 4), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.ones(2, 3))
+
+
+def test_bench_script_pairs_each_helper_with_its_own_question_picture(tiny_base, tmp_path):
+    """bench/latent_specificity.py on a tiny Mirage model and a few vsp records: a route image differs from its own
+    map by a drawn line only, so it must sit nearer its own question picture than another example's (pairing a
+    helper with the wrong row would make the two distances alike)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlatent.model import LatentVLM
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    import learning
+
+    data = learning.build_task("vsp", tmp_path, n=40)  # 4 test records
+    model = tmp_path / "mirage"
+    LatentVLM.from_pretrained(tiny_base, method="mirage").save_pretrained(model)
+    out = subprocess.run([sys.executable, str(root / "bench" / "latent_specificity.py"), "--model", str(model),
+                          "--data", str(data), "--n", "4"], capture_output=True, text=True, check=True, timeout=300)
+    assert "4 examples, 16 latents (own)" in out.stdout and "alike (cos between examples" in out.stdout
+    own, other = map(float, re.search(r"picture's \(mean distance per token\): ([\d.]+); from another example's: "
+                                      r"([\d.]+) \(4 helpers\)", out.stdout).groups())
+    assert own < other / 2

@@ -1,0 +1,78 @@
+"""Do a Mirage model's latents carry their example? The first test records of a data folder, collated as in training:
+each latent a model feeds (its own, recurrently, as in stage 2; or with ``--teacher-forced`` the state before each
+slot with the true targets in place, as stage 1 trains it) against the pooled helper-image targets of every example
+(`vlatent.analysis.latent_specificity`). Also how far each helper image's embedding (the frozen vision tower's, what
+the targets pool) lies from its own question picture's against another example's: a helper the tower sees as its
+question picture gives the latents nothing the picture in context does not.
+
+    python bench/latent_specificity.py --model runs/l/runs/mirage/vsp/seed0/lr0.001/stage0 --data runs/l/data/vsp
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    from vlatent.analysis import latent_specificity
+    from vlatent.data import load_records
+    from vlatent.methods.mirage import pool_to_k
+    from vlatent.model import LatentVLM
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a Mirage checkpoint (either stage)")
+    ap.add_argument("--data", required=True, help="a data_builders folder with test.jsonl")
+    ap.add_argument("--n", type=int, default=96, help="test records to use (default 96)")
+    ap.add_argument("--teacher-forced", action="store_true", help="the state before each slot, true targets fed")
+    args = ap.parse_args()
+    model = LatentVLM.from_pretrained(args.model).eval()
+    if model.method.name != "mirage":
+        raise SystemExit(f"error: {args.model} is a {model.method.name!r} model; the targets here are Mirage's")
+    records = load_records(Path(args.data) / "test.jsonl")[: args.n]
+    collate, k = model.collator(), model.method.config.num_latent_tokens
+    latents, targets, rows, own, other = [], [], [], [], []
+    with torch.no_grad():
+        for a in range(0, len(records), 16):
+            batch = collate(records[a:a + 16])
+            helpers = model.latent_targets(batch)  # per segment (tokens, hidden)
+            target = torch.cat([pool_to_k(t, k) for t in helpers])  # (segments * k, hidden)
+            pictures = model.backbone.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # per row
+            seg_rows = model.latent_slots(batch)[0][::k].tolist()  # each segment's row
+            for s, r in enumerate(seg_rows):
+                other_row = next((x for x in range(r + 1, r + len(pictures)) if x % len(pictures) != r), r)
+                if helpers[s].shape == pictures[r].shape:
+                    own.append((helpers[s] - pictures[r]).norm(dim=-1).mean().item())
+                    other.append((helpers[s] - pictures[other_row % len(pictures)]).norm(dim=-1).mean().item())
+            embeds = model.embed_inputs(batch)
+            if args.teacher_forced:
+                b, t = model.latent_slots(batch)
+                hidden = model.run_language_model(embeds.index_put((b, t), target.to(embeds.dtype)), batch)
+                latents.append(hidden.last_hidden_state[b, t - 1])
+            else:
+                embeds, _, (b, t) = model.fill_latents(embeds, batch, model.position_ids(batch),
+                                                       batch["attention_mask"])
+                latents.append(embeds[b, t])
+            targets.append(target)
+            rows.append(b + a)
+    latents, rows = torch.cat(latents), torch.cat(rows)
+    # each latent's step within its example (latents come row-major, so the earlier ones of its row precede it)
+    index = torch.tensor([int((rows[:i] == r).sum()) for i, r in enumerate(rows)])
+    got = latent_specificity(latents, rows, index, torch.cat(targets))
+    print(f"{args.model}: {len(records)} examples, {len(rows)} latents ({'teacher-forced' if args.teacher_forced else 'own'})")
+    print(f"  alike (cos between examples, same slot): {got.across:.4f}")
+    print(f"  cos to own target {got.own:.4f}, to another example's {got.other:.4f}")
+    print(f"  own target nearest: {got.retrieval:.3f} (chance {got.chance:.3f})")
+    if own:
+        print(f"  helper-image embedding from its question picture's (mean distance per token): {sum(own) / len(own):.2f};"
+              f" from another example's: {sum(other) / len(other):.2f} ({len(own)} helpers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
