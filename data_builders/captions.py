@@ -1,5 +1,6 @@
 """Perception captions of the synthetic tasks' pictures: read a maze or a frozen-lake map back cell by cell, say where
-the marked points and the objects of a depth scene are, where a jigsaw's gap is.
+the marked points and the objects of a depth scene are, where a jigsaw's gap is; with the opt-in route kinds, which
+cells a line drawn on a maze or a lake goes through (what the tasks' helper images add to their question pictures).
 
 The pretraining data of the tiny base that sees (`vlatent pretrain-base`): pictures drawn by the task builders' own
 drawing code, captions that only say what is there. Never a task question, never a helper image, and never a picture
@@ -16,12 +17,13 @@ import re
 import sys
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import common, depth, jigsaw, maze, vsp
 
 VERSION = 1
-KINDS = ("maze", "vsp", "depth", "jigsaw")
+KINDS = ("maze", "vsp", "depth", "jigsaw", "maze_route", "lake_route")
+DEFAULT_KINDS = KINDS[:4]  # the shipped base's captions; the route kinds are opt-in
 SIDES = ("up", "down", "left", "right")  # a maze cell's open sides, in this order
 SYMBOLS = {vsp.START: "S", vsp.GOAL: "G", vsp.HOLE: "H", vsp.ICE: "F"}  # FrozenLake's letters
 SHARE = {"maze": 3}  # examples per cycle of the kinds: thin maze walls are the slowest thing to learn to see
@@ -31,6 +33,8 @@ PROMPTS = {
     "vsp": "Read the frozen lake row by row: S start, G goal, H hole, F ice.",
     "depth": f"List the objects and the marked points, with their row and column on a {GRID}x{GRID} grid.",
     "jigsaw": "Where is the missing tile?",
+    "maze_route": "Which cells does the drawn route cover?",
+    "lake_route": "Which cells does the drawn route cover? Does it leave the grid or end with a cross?",
 }
 
 
@@ -98,8 +102,40 @@ def sample(rng, target, sizes: tuple[int, int], walls: tuple[int, int]) -> Pictu
         things = depth.random_things(rng, (1, 6))
         points = tuple((rng.randrange(6, depth.SIDE - 6), rng.randrange(6, depth.SIDE - 6)) for _ in range(2))
         return Picture(kind, (things, points))
+    if kind == "maze_route":
+        size = rng.randint(*sizes)
+        cells = wall_grid(rng, size)
+        if cells is None:
+            return None
+        path = open_walk(rng, cells, size, rng.randint(2, size * size // 2))
+        return Picture(kind, (size, tuple(cells), tuple(path), rng.randint(*walls))) if len(path) > 1 else None
+    if kind == "lake_route":
+        cells = lake(rng, rng.randint(*sizes))
+        return Picture(kind, (tuple(map(tuple, cells)), tuple(vsp.walk_sequence(rng, cells, rng.randint(1, 5)))))
     grid = rng.choice((2, 3))
     return Picture(kind, (grid, rng.getrandbits(32), rng.randrange(grid * grid)))
+
+
+def open_walk(rng, cells: list[int], size: int, length: int) -> list[int]:
+    """A walk through open passages from a random cell that never revisits one: up to ``length`` cells."""
+    path = [rng.randrange(size * size)]
+    while len(path) < length:
+        r, c = divmod(path[-1], size)
+        nxt = [(r + dr) * size + c + dc for d, (dr, dc) in maze.MOVES.items() if cells[path[-1]] & maze.BIT[d]]
+        nxt = [x for x in nxt if x not in path]
+        if not nxt:
+            break
+        path.append(rng.choice(nxt))
+    return path
+
+
+def route_caption(points: list[tuple[int, int]], size: int, failed: bool = False) -> str:
+    """The cells a drawn route covers, in reading order (a line drawn over itself shows no order), and whether it
+    leaves the grid or ends with a cross."""
+    inside = sorted({(r, c) for r, c in points if 0 <= r < size and 0 <= c < size})
+    return ("The drawn route covers " + "; ".join(common.cell_name(r, c) for r, c in inside) + "."
+            + (" It leaves the grid." if len(inside) < len(set(points)) else "")
+            + (" It ends with a cross." if failed else ""))
 
 
 def surface(things, ids: Image.Image, point) -> str:
@@ -137,6 +173,27 @@ def draw(p: Picture) -> tuple[Image.Image, str, dict]:
                    + " ".join(f"Point {label} is on {what} at {common.cell_name(*rc)}."
                               for label, (what, rc) in where.items()))
         return image, caption, {"points": {k: [w, list(rc)] for k, (w, rc) in where.items()}}
+    if p.kind == "maze_route":
+        size, cells, path, wall = p.data
+        image, cell, pad = maze.draw(maze.Maze(size, list(cells), path[0], path[-1], "", "", ""), wall)
+        points = [divmod(x, size) for x in path]
+        ImageDraw.Draw(image).line([maze.center(r, c, cell, pad) for r, c in points], fill=maze.ROUTE,
+                                   width=max(3, cell // 5))
+        return image, route_caption(points, size), {"size": size, "cells": list(cells),
+                                                    "route": [list(x) for x in points]}
+    if p.kind == "lake_route":
+        cells, actions = p.data
+        _, image = vsp.draw([list(row) for row in cells], list(actions))
+        points = [vsp.find(cells, vsp.START)]
+        for a in actions:  # as vsp.draw walks it: up to the first hole, goal or step off the grid
+            (r, c), (dr, dc) = points[-1], vsp.ACTIONS[a]
+            points.append((r + dr, c + dc))
+            if not (0 <= r + dr < len(cells) and 0 <= c + dc < len(cells)) or cells[r + dr][c + dc] in (vsp.HOLE,
+                                                                                                         vsp.GOAL):
+                break
+        failed = vsp.simulate([list(row) for row in cells], list(actions)) in ("hole", "off-grid")
+        rows = [" ".join(SYMBOLS[v] for v in row) for row in cells]
+        return image, route_caption(points, len(cells), failed), {"rows": rows, "route": [list(x) for x in points]}
     grid, seed, missing = p.data
     picture = jigsaw.paint(seed)
     jigsaw.cut_hole(picture, grid, missing)
@@ -156,6 +213,11 @@ def score(record: dict, text: str) -> tuple[int, int]:
     """(cells read right, cells) of a model's ``text`` against the record's caption: maze cells (open sides) plus start
     and goal, lake cells, depth points (what they are on and where), the jigsaw gap."""
     truth = record["answer"]
+    if record["meta"]["kind"].endswith("_route"):  # the cells covered, leaving the grid, the cross
+        units = lambda s: (re.findall(r"row \d+, column \d+", s) + ["leaves"] * ("leaves the grid" in s)
+                           + ["cross"] * ("cross" in s))
+        want, got = units(truth), set(units(text))
+        return sum(u in got for u in want), len(want)
     if record["meta"]["kind"] in ("maze", "vsp"):
         units = lambda s: ([m for m in re.findall(r"(?:start|goal) is at row \d+, column \d+", s)]
                            + [(i, j, cell.strip()) for i, row in re.findall(r"Row (\d+): ([^.]*)\.", s)
@@ -168,8 +230,9 @@ def score(record: dict, text: str) -> tuple[int, int]:
 
 def parser():
     p = common.synthetic_parser("captions", __doc__)
-    p.add_argument("--kinds", type=common.choices_list(KINDS), default=",".join(KINDS),
-                   help="picture kinds, comma-separated (examples cycle through them, mazes 3 times as often)")
+    p.add_argument("--kinds", type=common.choices_list(KINDS), default=",".join(DEFAULT_KINDS),
+                   help="picture kinds, comma-separated (examples cycle through them, mazes 3 times as often); "
+                        f"{' and '.join(KINDS[4:])} are opt-in: a line drawn on a maze or lake, and its cells")
     p.add_argument("--size", type=common.int_range(3, 6), default="4", metavar="N|MIN-MAX",
                    help="maze and lake side in cells")
     p.add_argument("--wall", type=common.int_range(1, 8), default="2-8", metavar="PX|MIN-MAX",

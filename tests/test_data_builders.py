@@ -769,3 +769,50 @@ def test_jigsaw_fits_question_pastes_one_candidate_and_asks_whether_it_fits(tmp_
         assert ("So it fits" in cot) == (r["answer"] == "yes") and cot.endswith(f"The answer is {r['answer']}.")
         answers[r["answer"]] += 1
     assert answers["yes"] == answers["no"]
+
+
+def test_route_captions_name_the_cells_the_drawn_line_covers(tmp_path):
+    """The opt-in route kinds: a line along open passages of a maze, or a walk from S on a lake drawn as vsp draws it;
+    the caption names the covered cells in reading order (recomputed here from the route), the cross where the walk
+    fails, and the line is in the picture exactly at the covered cells' centres."""
+    from PIL import Image
+
+    from data_builders import captions, maze
+
+    assert main(["captions", "--out", str(tmp_path / "c"), "--n", "30", "--seed", "2",
+                 "--kinds", "maze_route,lake_route"]) == 0
+    records = load_records(tmp_path / "c", split="train")
+    assert Counter(r["meta"]["kind"] for r in records) == {"maze_route": 12, "lake_route": 12}
+    step = {(-1, 0): 1, (1, 0): 2, (0, -1): 4, (0, 1): 8}  # the maze's open-side bit for a move
+    for r in records:
+        route = [tuple(x) for x in r["meta"]["route"]]
+        if r["meta"]["kind"] == "maze_route":
+            n, cells = r["meta"]["size"], r["meta"]["cells"]
+            assert len(set(route)) == len(route) > 1
+            for (r0, c0), (r1, c1) in zip(route, route[1:]):  # each move goes through an open passage
+                assert cells[r0 * n + c0] & step[(r1 - r0, c1 - c0)]
+            image, cell, pad = Image.open(tmp_path / "c" / r["images"][0]), 160 // n, 8
+            on_line = {(i, j) for i in range(n) for j in range(n)
+                       if image.getpixel((pad + j * cell + cell // 2, pad + i * cell + cell // 2)) == maze.ROUTE}
+            assert on_line == set(route)
+            tail = ""
+        else:
+            rows = [row.split() for row in r["meta"]["rows"]]
+            n = len(rows)
+            assert rows[route[0][0]][route[0][1]] == "S"
+            assert all(abs(r1 - r0) + abs(c1 - c0) == 1 for (r0, c0), (r1, c1) in zip(route, route[1:]))
+            inside = [(i, j) for i, j in route if 0 <= i < n and 0 <= j < n]
+            last = route[-1]
+            off = len(inside) < len(route)
+            fell = off or rows[last[0]][last[1]] == "H"
+            assert all(rows[i][j] not in "HG" for i, j in inside[:-1])  # the walk stops at the first hole or goal
+            tail = (" It leaves the grid." if off else "") + (" It ends with a cross." if fell else "")
+        covered = sorted({(i, j) for i, j in route if 0 <= i < n and 0 <= j < n})
+        assert r["answer"] == ("The drawn route covers " + "; ".join(f"row {i + 1}, column {j + 1}" for i, j in covered)
+                               + "." + tail)
+        units = len(covered) + tail.count(".")
+        assert captions.score(r, r["answer"]) == (units, units)
+        dropped = r["answer"].replace(f"row {covered[0][0] + 1}, column {covered[0][1] + 1}; ", "", 1)
+        if dropped != r["answer"]:
+            assert captions.score(r, dropped) == (units - 1, units)
+    assert any("cross" in r["answer"] for r in records) and any("cross" not in r["answer"] for r in records)

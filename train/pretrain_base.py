@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5000, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--kinds", default=",".join(captions.DEFAULT_KINDS),
+                    help=f"caption kinds, comma-separated (default: %(default)s; also {', '.join(captions.KINDS[4:])}: "
+                         "lines drawn on mazes and lakes, so the vision tower tells the tasks' helper images from their "
+                         "question pictures)")
     ap.add_argument("--held-out", type=int, default=400, help="held-out pictures scored after training")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
     data = work / "captions"
     if not (data / "dataset_info.json").is_file():
         if captions.main(["--out", str(data), "--n", str(args.n), "--seed", str(1000 + args.seed),
-                          "--split", "0.95,0.05,0"]):
+                          "--split", "0.95,0.05,0", "--kinds", args.kinds]):
             return 1
     init = build_tiny_base(work / "init", seed=args.seed, **SEEING_BASE)
     recipe = {"model": str(init), "method": "text",
