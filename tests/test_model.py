@@ -164,6 +164,32 @@ def test_pool_to_k_remainder_rule():
         pool_to_k(x[:3], 4)
 
 
+def test_mirage_stage2_alignment_scores_the_latents_it_feeds_itself(tiny_base, records):
+    """``stage2_alignment_weight``: the latents stage 2 feeds back (each the hidden state before its slot, fed token by
+    token here) against the K-pooled helper-image targets, 1 - cos, added to CE at that weight."""
+    from vlatent.methods.mirage import pool_to_k
+
+    model = LatentVLM.from_pretrained(tiny_base, method="mirage", stage=2, stage2_alignment_weight=0.5).eval()
+    batch = model.collator()(records)
+    pad_id, k = model.method.config.latent_pad_id, model.method.config.num_latent_tokens
+    with torch.no_grad():
+        out = model(batch)
+        targets = torch.cat([pool_to_k(f, k) for f in model.latent_targets(batch)])
+        embeds, positions, fed = model.embed_inputs(batch), model.position_ids(batch), []
+        for r in range(len(records)):
+            cache, h = None, None
+            for t in range(int(batch["attention_mask"][r].sum())):
+                x = h if batch["input_ids"][r, t] == pad_id else embeds[r, t]
+                if batch["input_ids"][r, t] == pad_id:
+                    fed.append(h)
+                o = model.backbone(x.view(1, 1, -1), positions[:, r:r + 1, t:t + 1],
+                                   batch["attention_mask"][r:r + 1, :t + 1], past_key_values=cache, use_cache=True)
+                cache, h = o.past_key_values, o.last_hidden_state[0, 0]
+    expected = (1 - torch.cosine_similarity(torch.stack(fed), targets, dim=-1)).mean()
+    torch.testing.assert_close(out.losses["latent_alignment"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.loss, out.losses["ce"] + 0.5 * expected, atol=1e-4, rtol=1e-4)
+
+
 def test_mirage_stage2_matches_step_by_step_recurrence(tiny_base, records):
     """Stage 2's batched unrolling equals feeding each row token by token on the KV cache, hidden states fed back
     at every latent slot; CE trains every layer through the chain."""

@@ -19,6 +19,10 @@ Choices the paper leaves open:
   parallel (the tiny base's vsp route maps: cosine 0.87 between examples, depth maps 0.996), so the mean target
   alone scores almost perfectly and stage 1 learns it: every example then imagines the same latents. Centred, only
   what sets an example's helper image apart from the others' scores.
+- ``stage2_alignment_weight`` (0 by default, as in the paper): stage 2 also aligns the latents it feeds itself to
+  the helper images' targets at this weight. Trained on CE alone, the tiny base's stage 2 lets every example's latents
+  drift to one vector (different examples' latents at cosine 0.996 after stage 2, 0.79 after stage 1), as nothing in
+  CE needs them when the picture is in context.
 - Stage 2 is unrolled exactly, one latent slot at a time, so several segments per example see their true
   predecessors: ``LatentVLM.fill_latents`` runs the sequence once on the KV cache, in chunks that end where a slot
   begins (with gradient checkpointing, which drops the cache, pass j recomputes every row up to its j-th slot).
@@ -43,6 +47,7 @@ class MirageConfig(MethodConfig):
     # utils.py:3295, 3380-3396). The default stays "fixed": see docs/fidelity.md (inference).
     max_latent_steps: int | None = 8
     centre_targets: bool = False  # see the module docstring; not in the paper
+    stage2_alignment_weight: float = 0.0  # > 0: stage 2 keeps aligning its own latents (not in the paper; docstring)
 
 
 def pool_to_k(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,7 +77,7 @@ class Mirage(LatentMethod):
     def loss_weights(self):
         if self.config.stage == 1:
             return {"ce": self.config.ce_weight, "latent_alignment": self.config.alignment_weight}
-        return {"ce": 1.0}
+        return {"ce": 1.0, **({"latent_alignment": w} if (w := self.config.stage2_alignment_weight) else {})}
 
     def next_latent(self, hidden, context=None):
         return hidden
@@ -84,10 +89,22 @@ class Mirage(LatentMethod):
             return self._stage2(model, batch)
         raise ValueError(f"mirage has stages 1 and 2, got stage={self.config.stage}")
 
+    def _targets(self, model, batch) -> torch.Tensor | None:
+        """The helper images' embeddings pooled to K per segment: (n_slots, hidden), or None without helpers."""
+        targets = model.latent_targets(batch)  # list over segments of (n_i, hidden)
+        return torch.cat([pool_to_k(t, self.config.num_latent_tokens) for t in targets]) if targets else None
+
+    def _alignment(self, predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """mean (1 - cos) between each slot's prediction and its target, both centred with ``centre_targets``."""
+        predicted, targets = predicted.float(), targets.float()
+        if self.config.centre_targets:
+            mean = slot_means(targets, self.config.num_latent_tokens)  # (n_slots, hidden), no gradient
+            predicted, targets = predicted - mean, targets - mean
+        return (1 - F.cosine_similarity(predicted, targets, dim=-1)).mean()
+
     def _stage1(self, model, batch):
         slots = model.latent_slots(batch)  # (n_slots,) batch index, (n_slots,) position
-        targets = model.latent_targets(batch)  # list over segments of (n_i, hidden)
-        targets = torch.cat([pool_to_k(t, self.config.num_latent_tokens) for t in targets]) if targets else None
+        targets = self._targets(model, batch)
         embeds = model.embed_inputs(batch)
         if targets is not None:
             model.check_latent_targets(slots, targets, batch)
@@ -98,14 +115,15 @@ class Mirage(LatentMethod):
             losses["latent_alignment"] = hidden.sum() * 0.0  # keeps the graph (and ZeRO-3 ranks) uniform
         else:
             b, t = slots
-            predicted, targets = hidden[b, t - 1].float(), targets.float()  # (n_slots, hidden): state before slot t
-            if self.config.centre_targets:
-                mean = slot_means(targets, self.config.num_latent_tokens)  # (n_slots, hidden), no gradient
-                predicted, targets = predicted - mean, targets - mean
-            losses["latent_alignment"] = (1 - F.cosine_similarity(predicted, targets, dim=-1)).mean()
+            losses["latent_alignment"] = self._alignment(hidden[b, t - 1], targets)  # the state before slot t
         return losses
 
     def _stage2(self, model, batch):
-        _, out, _ = model.fill_latents(model.embed_inputs(batch), batch, model.position_ids(batch),
-                                       batch["attention_mask"])
-        return {"ce": model.lm_loss(out.last_hidden_state, batch["labels"])}
+        embeds, out, slots = model.fill_latents(model.embed_inputs(batch), batch, model.position_ids(batch),
+                                                batch["attention_mask"])
+        losses = {"ce": model.lm_loss(out.last_hidden_state, batch["labels"])}
+        if self.config.stage2_alignment_weight:  # the latents fed (each the state before its slot) to their targets
+            targets = self._targets(model, batch)
+            losses["latent_alignment"] = (out.last_hidden_state.sum() * 0.0 if targets is None
+                                          else self._alignment(embeds[slots], targets))
+        return losses
