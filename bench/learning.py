@@ -193,10 +193,10 @@ def test_scores(model, job: dict, out: Path) -> dict:
 def intervention_scores(model, task: str, data: str, settings: dict, seed: int) -> dict:
     """Test accuracy with every latent zeroed, swapped with another example's, or replaced by same-norm noise, and
     the share of answers whose text changed, against the unmodified run ({} for an arm without latents)."""
-    from eval.benchmarks import get_benchmark, judge, load_examples
-    from eval.run import latent_kwargs
     import torch
 
+    from eval.benchmarks import get_benchmark, judge, load_examples
+    from eval.run import latent_kwargs
     from vlatent.analysis import intervene, latent_specificity
     from vlatent.analysis.intervene import next_with_latents
 
