@@ -62,3 +62,13 @@ def test_pretrain_base_end_to_end_and_deterministic(tmp_path):
     model = LatentVLM.from_pretrained(tmp_path / "a", method="mirage")  # loads like any base VLM
     assert model.method.name == "mirage"
     assert main(["--out", str(tmp_path / "a")]) == 2  # never overwrites a base unless told
+
+    # --init continues a base (here "a", on route captions, another seed): two Adam steps at lr 2e-3 move no weight
+    # by more than ~0.004, while random weights of seed 1 lie ~0.1 away from "a"
+    assert main(["--out", str(tmp_path / "c"), "--init", str(tmp_path / "a"), "--kinds", "maze_route,lake_route",
+                 "--seed", "1", "--steps", "2", "--batch", "4", "--n", "20", "--held-out", "2"]) == 0
+    info = json.loads((tmp_path / "c" / "vlatent_base.json").read_text())
+    assert info["init"] == str(tmp_path / "a") and set(info["perception_accuracy"]) <= {"maze_route", "lake_route"}
+    assert not (tmp_path / "c" / "run" / "init").exists()
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert 0 < max((c[k].float() - a[k].float()).abs().max().item() for k in a) < 0.01

@@ -71,6 +71,8 @@ def main(argv=None) -> int:
                     help=f"caption kinds, comma-separated (default: %(default)s; also {', '.join(captions.KINDS[4:])}: "
                          "lines drawn on mazes and lakes, so the vision tower tells the tasks' helper images from their "
                          "question pictures)")
+    ap.add_argument("--init", help="continue from this base folder (e.g. vlatent/assets/tiny_base) instead of random "
+                                   "weights of the seeing base's size")
     ap.add_argument("--held-out", type=int, default=400, help="held-out pictures scored after training")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         if captions.main(["--out", str(data), "--n", str(args.n), "--seed", str(1000 + args.seed),
                           "--split", "0.95,0.05,0", "--kinds", args.kinds]):
             return 1
-    init = build_tiny_base(work / "init", seed=args.seed, **SEEING_BASE)
+    init = Path(args.init).resolve() if args.init else build_tiny_base(work / "init", seed=args.seed, **SEEING_BASE)
     recipe = {"model": str(init), "method": "text",
               "data": {"train": str(data / "train.jsonl")},
               "training": {"output_dir": str(work / "sft"), "per_device_train_batch_size": args.batch,
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     model.processor.save_pretrained(out)
     shutil.copy(work / "sft" / "loss_curve.png", out / "loss_curve.png")
     info = {"command": "vlatent pretrain-base " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "seed": args.seed, "commit": commit(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "seed": args.seed, "init": args.init, "commit": commit(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "captions": args.n, "config": SEEING_BASE, "train_minutes": round(train_s / 60, 1),
             "total_minutes": round((time.time() - t0) / 60, 1), "threads": os.environ.get("OMP_NUM_THREADS"),
             "held_out_pictures": len(held_out), "perception_accuracy": accuracy}
