@@ -10,18 +10,18 @@ from transformers import TrainingArguments
 
 from vlatent.data import load_records
 from vlatent.model import LatentVLM
-from vlatent.training import VLPOConfig, VLPOTrainer
+from vlatent.training import VLPOConfig, VLPOTrainer, register_reward
 from vlatent.training.vlpo import action_log_probs
 
 from test_vlpo import write_prompts
 
 
-def make_trainer(model, tmp_path, n_records, lr=1e-3, max_steps=2, per_device=4, **vlpo):
+def make_trainer(model, tmp_path, n_records, lr=1e-3, max_steps=2, per_device=4, reward_funcs=("test_length",), **vlpo):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=per_device,
                              learning_rate=lr, max_steps=max_steps, report_to=[], use_cpu=True, save_strategy="no",
                              seed=0, disable_tqdm=True, logging_steps=1, lr_scheduler_type="constant")
     config = VLPOConfig(num_generations=4, max_completion_length=6, prefix="<|latent_start|>", latent_sigma=0.5,
-                        reward_funcs=["test_length"], **vlpo)
+                        reward_funcs=list(reward_funcs), **vlpo)
     records = load_records(write_prompts(tmp_path / "data", n_records))
     return VLPOTrainer(model=model, args=args, vlpo=config, train_dataset=records)
 
@@ -76,3 +76,27 @@ def test_exploration_noise_is_logged_against_the_latent_norm(tiny_base, tmp_path
     on.rollout(on.train_dataset[:1] * 4)
     assert on._metrics["latents/noise_norm"] == [pytest.approx(0.5 * math.sqrt(d))]
     assert any("x the measured norm of the latent means" in r.message for r in caplog.records)
+
+
+@register_reward("test_batch_scale")
+def _batch_scale(completions, id, **kwargs):
+    """q0's group of 4: 1, 0, 0, 0; q1's: 3, 0, 3, 0 (the row's place in its group decides)."""
+    return [{"q0": (1.0, 0, 0, 0), "q1": (3.0, 0, 3, 0)}[rid][i % 4] for i, rid in enumerate(id)]
+
+
+def test_batch_scaled_advantages_use_the_whole_rollout_batchs_std(tiny_base, tmp_path):
+    """``scale_rewards: batch`` over a rollout batch of two micro-batches (one group each): every advantage is its
+    group-centred reward over the std of all 8 rewards, not of its own micro-batch's 4 (0.5 for q0's alone)."""
+    import statistics
+
+    torch.manual_seed(0)
+    model = LatentVLM.from_pretrained(tiny_base, method="mirage", num_latent_tokens=2)
+    trainer = make_trainer(model, tmp_path, 2, scale_rewards="batch", updates_per_rollout=2,
+                           reward_funcs=["test_batch_scale"])
+    records = sorted(trainer.train_dataset, key=lambda r: r["id"])
+    batch = trainer._rollout_batch([records[0]] * 4 + [records[1]] * 4)
+    std = statistics.stdev([1, 0, 0, 0, 3, 0, 3, 0])  # unbiased, as TRL
+    expected = [[0.75, -0.25, -0.25, -0.25], [1.5, -1.5, 1.5, -1.5]]  # each group minus its mean
+    assert len(batch) == 2
+    for rollouts, centred in zip(batch, expected):
+        torch.testing.assert_close(rollouts.advantages, torch.tensor(centred) / (std + 1e-4))

@@ -37,7 +37,8 @@ Knobs are named as TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_l
   per rollout and 16 per actor mini-batch (RL/examples/vlpo_train.sh ``ORI_BSZ=64``, config_monet.yaml
   ``worker.actor.global_batch_size: 16``; RL/verl/workers/actor/dp_actor.py:412-415).
 - A group lives on one process (``per_device_train_batch_size`` counts completions, as in TRL, but must be a multiple
-  of ``num_generations``), so group statistics need no gather; ``scale_rewards: batch`` does gather the rewards.
+  of ``num_generations``), so group statistics need no gather; ``scale_rewards: batch`` gathers the rewards of the
+  whole rollout batch (all its micro-batches, all processes) before any advantage is scaled.
 - ``loss_type``: ``grpo`` (mean per completion, then over completions), ``bnpo`` (mean over the actions of the local
   batch), ``dr_grpo`` (sum / (batch x max_completion_length)), ``dapo`` (sum / actions of the micro-batch on all
   processes; TRL counts a whole generation batch). Latent steps count as actions in each.
@@ -313,7 +314,8 @@ class Scored:
     prompts: list
     prefixes: list
     generations: list
-    advantages: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B,); under ``scale_rewards: batch`` centred only until the rollout batch is scaled
+    rewards: torch.Tensor  # (B,) the weighted sum of the reward functions
     kept: torch.Tensor | None  # (B,) bool: the difficulty filter's verdict on each row's group (None: no filter)
 
     def groups(self, size: int) -> list["Scored"]:
@@ -601,7 +603,10 @@ class VLPOTrainer(LatentTrainer):
         refilled with kept groups: see the module docstring)."""
         c, per_device, g = self.vlpo, self.args.per_device_train_batch_size, self.vlpo.num_generations
         if c.difficulty_pool == 1:
-            return [self.rollout(records[i : i + per_device]) for i in range(0, len(records), per_device)]
+            start = time.perf_counter()
+            batch = self._scale([self._score(records[i : i + per_device]) for i in range(0, len(records), per_device)])
+            shared = (time.perf_counter() - start) / len(batch)  # generating and scoring, per micro-batch
+            return [self._finish(self._build(s), time.perf_counter(), shared) for s in batch]
         start, needed = time.perf_counter(), len(records) // g  # groups in the batch
         rows = records + self._pool_records((c.difficulty_pool - 1) * needed, records)
         pool = []  # Scored groups, in generation order
@@ -618,12 +623,10 @@ class VLPOTrainer(LatentTrainer):
             logger.warning(f"difficulty pool: {len(kept)} of {len(pool)} prompts kept, {needed} needed: {short} "
                            "groups of the batch filled with dropped ones, masked out")
         groups = kept + [s for s in pool if not s.kept[0]][:short]
+        per_batch = per_device // g
+        batch = self._scale([Scored.cat(groups[i : i + per_batch]) for i in range(0, needed, per_batch)])
         shared = (time.perf_counter() - start) / self._micro_batches  # generating and scoring, per micro-batch
-        batch, per_batch = [], per_device // g
-        for i in range(0, needed, per_batch):
-            since = time.perf_counter()
-            batch.append(self._finish(self._build(Scored.cat(groups[i : i + per_batch])), since, shared))
-        return batch
+        return [self._finish(self._build(s), time.perf_counter(), shared) for s in batch]
 
     def _pool_records(self, n: int, taken: list[dict]) -> list[dict]:
         """``n`` prompts of the train dataset for the difficulty pool, each ``num_generations`` times: a seeded random
@@ -644,9 +647,22 @@ class VLPOTrainer(LatentTrainer):
         return bool(t.item())
 
     def rollout(self, records: list[dict]) -> Rollouts:
-        """Generate one completion per record (the records come in groups), score them, and build the batch."""
+        """Generate one completion per record (the records come in groups), score them, and build the batch (a
+        rollout batch of one micro-batch)."""
         start = time.perf_counter()
-        return self._finish(self._build(self._score(records)), start)
+        return self._finish(self._build(self._scale([self._score(records)])[0]), start)
+
+    def _scale(self, batch: list[Scored]) -> list[Scored]:
+        """``scale_rewards: batch``: every micro-batch's centred advantages over the std of the whole rollout batch's
+        rewards on all processes (TRL's generation batch; the rows the difficulty filter keeps, when it keeps any)."""
+        if self.vlpo.scale_rewards == "batch":
+            rewards = self._gather(torch.cat([s.rewards for s in batch]))  # every process has as many rows
+            kept = self._gather(torch.cat([torch.ones_like(s.rewards) if s.kept is None else s.kept.float()
+                                           for s in batch])) > 0  # gloo gathers no bool
+            std = (rewards[kept] if kept.any() else rewards).std()
+            for s in batch:
+                s.advantages = s.advantages / (std + 1e-4)
+        return batch
 
     @torch.no_grad()
     def _score(self, records: list[dict]) -> Scored:
@@ -674,9 +690,10 @@ class VLPOTrainer(LatentTrainer):
                    "meta": meta}
         table = torch.tensor(score_completions(self.reward_funcs, c.reward_funcs, completions, columns))  # (B, F)
         rewards = (table * self.reward_weights).nansum(1)  # (B,)
-        batch_std = self._gather(rewards).std() if c.scale_rewards == "batch" else None
-        advantages = group_advantages(rewards, c.num_generations, c.scale_rewards, batch_std)
-        scored = Scored(list(records), images, prompts, prefixes, list(generations), advantages, None)
+        # "batch": centred here, divided by the whole rollout batch's std once it is complete (``_scale``)
+        advantages = group_advantages(rewards, c.num_generations, "none" if c.scale_rewards == "batch" else
+                                      c.scale_rewards)
+        scored = Scored(list(records), images, prompts, prefixes, list(generations), advantages, rewards, None)
         if c.difficulty_filter:
             column = c.reward_funcs.index(c.difficulty_reward) if c.difficulty_reward else 0
             keep = difficulty_keep(table[:, column], c.num_generations, c.difficulty_threshold)  # (n_groups,)
