@@ -44,11 +44,10 @@ def main() -> int:
             target = torch.cat([pool_to_k(t, k) for t in helpers])  # (segments * k, hidden)
             pictures = model.backbone.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # per row
             seg_rows = model.latent_slots(batch)[0][::k].tolist()  # each segment's row
-            for s, r in enumerate(seg_rows):
-                other_row = next((x for x in range(r + 1, r + len(pictures)) if x % len(pictures) != r), r)
-                if helpers[s].shape == pictures[r].shape:
+            for s, r in enumerate(seg_rows):  # one question picture per record; the next record's as "another"
+                if len(pictures) > 1 and helpers[s].shape == pictures[r].shape:
                     own.append((helpers[s] - pictures[r]).norm(dim=-1).mean().item())
-                    other.append((helpers[s] - pictures[other_row % len(pictures)]).norm(dim=-1).mean().item())
+                    other.append((helpers[s] - pictures[(r + 1) % len(pictures)]).norm(dim=-1).mean().item())
             embeds = model.embed_inputs(batch)
             if args.teacher_forced:
                 b, t = model.latent_slots(batch)
@@ -64,13 +63,14 @@ def main() -> int:
     # each latent's step within its example (latents come row-major, so the earlier ones of its row precede it)
     index = torch.tensor([int((rows[:i] == r).sum()) for i, r in enumerate(rows)])
     got = latent_specificity(latents, rows, index, torch.cat(targets))
-    print(f"{args.model}: {len(records)} examples, {len(rows)} latents ({'teacher-forced' if args.teacher_forced else 'own'})")
+    how = "teacher-forced" if args.teacher_forced else "own"
+    print(f"{args.model}: {len(records)} examples, {len(rows)} latents ({how})")
     print(f"  alike (cos between examples, same slot): {got.across:.4f}")
     print(f"  cos to own target {got.own:.4f}, to another example's {got.other:.4f}")
     print(f"  own target nearest: {got.retrieval:.3f} (chance {got.chance:.3f})")
     if own:
-        print(f"  helper-image embedding from its question picture's (mean distance per token): {sum(own) / len(own):.2f};"
-              f" from another example's: {sum(other) / len(other):.2f} ({len(own)} helpers)")
+        print("  helper-image embedding from its question picture's (mean distance per token): "
+              f"{sum(own) / len(own):.2f}; from another example's: {sum(other) / len(other):.2f} ({len(own)} helpers)")
     return 0
 
 

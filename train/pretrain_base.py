@@ -68,9 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--kinds", default=",".join(captions.DEFAULT_KINDS),
-                    help=f"caption kinds, comma-separated (default: %(default)s; also {', '.join(captions.KINDS[4:])}: "
-                         "lines drawn on mazes and lakes, so the vision tower tells the tasks' helper images from their "
-                         "question pictures)")
+                    help=f"caption kinds, comma-separated (default: %(default)s; also {', '.join(captions.KINDS[4:])}:"
+                         " lines drawn on mazes and lakes, so the vision tower tells the tasks' helper images from "
+                         "their question pictures)")
     ap.add_argument("--init", help="continue from this base folder (e.g. vlatent/assets/tiny_base) instead of random "
                                    "weights of the seeing base's size")
     ap.add_argument("--held-out", type=int, default=400, help="held-out pictures scored after training")
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
     model.processor.save_pretrained(out)
     shutil.copy(work / "sft" / "loss_curve.png", out / "loss_curve.png")
     info = {"command": "vlatent pretrain-base " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "seed": args.seed, "init": args.init, "commit": commit(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "captions": args.n, "config": SEEING_BASE, "train_minutes": round(train_s / 60, 1),
+            "seed": args.seed, "init": args.init, "commit": commit(), "steps": args.steps, "batch": args.batch,
+            "lr": args.lr, "captions": args.n, "config": SEEING_BASE, "train_minutes": round(train_s / 60, 1),
             "total_minutes": round((time.time() - t0) / 60, 1), "threads": os.environ.get("OMP_NUM_THREADS"),
             "held_out_pictures": len(held_out), "perception_accuracy": accuracy}
     (out / "vlatent_base.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -124,6 +124,9 @@ class Mirage(LatentMethod):
         losses = {"ce": model.lm_loss(out.last_hidden_state, batch["labels"])}
         if self.config.stage2_alignment_weight:  # the latents fed (each the state before its slot) to their targets
             targets = self._targets(model, batch)
-            losses["latent_alignment"] = (out.last_hidden_state.sum() * 0.0 if targets is None
-                                          else self._alignment(embeds[slots], targets))
+            if targets is None:
+                losses["latent_alignment"] = out.last_hidden_state.sum() * 0.0  # uniform graph, as in stage 1
+            else:
+                model.check_latent_targets(slots, targets, batch)
+                losses["latent_alignment"] = self._alignment(embeds[slots], targets)
         return losses

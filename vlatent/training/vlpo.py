@@ -625,7 +625,7 @@ class VLPOTrainer(LatentTrainer):
         groups = kept + [s for s in pool if not s.kept[0]][:short]
         per_batch = per_device // g
         batch = self._scale([Scored.cat(groups[i : i + per_batch]) for i in range(0, needed, per_batch)])
-        shared = (time.perf_counter() - start) / self._micro_batches  # generating and scoring, per micro-batch
+        shared = (time.perf_counter() - start) / len(batch)  # generating and scoring, per micro-batch
         return [self._finish(self._build(s), time.perf_counter(), shared) for s in batch]
 
     def _pool_records(self, n: int, taken: list[dict]) -> list[dict]:
