@@ -30,13 +30,22 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="a data_builders folder with test.jsonl")
     ap.add_argument("--n", type=int, default=96, help="test records to use (default 96)")
     ap.add_argument("--teacher-forced", action="store_true", help="the state before each slot, true targets fed")
+    ap.add_argument("--verdict", metavar="WORD,WORD,...",
+                    help="also, teacher-forced with the true targets and with the previous segment's in their place: "
+                         "how often the model's pick among these words, where the record's answer first has one "
+                         "of them, is the record's (e.g. falls,walks,reaches,stays for vsp's drawn route)")
     args = ap.parse_args()
     model = LatentVLM.from_pretrained(args.model).eval()
     if model.method.name != "mirage":
         raise SystemExit(f"error: {args.model} is a {model.method.name!r} model; the targets here are Mirage's")
     records = load_records(Path(args.data) / "test.jsonl")[: args.n]
     collate, k = model.collator(), model.method.config.num_latent_tokens
+    words = args.verdict.split(",") if args.verdict else []
+    candidates = [model.tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in words]
+    if len(set(candidates)) < len(words):
+        raise SystemExit(f"error: --verdict words must start with different tokens: {words}")
     latents, targets, rows, own, other = [], [], [], [], []
+    picked = {"true": 0, "swapped": 0, "scored": 0}
     with torch.no_grad():
         for a in range(0, len(records), 16):
             batch = collate(records[a:a + 16])
@@ -49,6 +58,8 @@ def main() -> int:
                     own.append((helpers[s] - pictures[r]).norm(dim=-1).mean().item())
                     other.append((helpers[s] - pictures[(r + 1) % len(pictures)]).norm(dim=-1).mean().item())
             embeds = model.embed_inputs(batch)
+            if candidates:
+                verdicts(model, batch, embeds, target, candidates, picked)
             if args.teacher_forced:
                 b, t = model.latent_slots(batch)
                 hidden = model.run_language_model(embeds.index_put((b, t), target.to(embeds.dtype)), batch)
@@ -71,7 +82,27 @@ def main() -> int:
     if own:
         print("  helper-image embedding from its question picture's (mean distance per token): "
               f"{sum(own) / len(own):.2f}; from another example's: {sum(other) / len(other):.2f} ({len(own)} helpers)")
+    if picked["scored"]:
+        print(f"  verdict word right, teacher-forced: true targets {picked['true'] / picked['scored']:.3f}, the "
+              f"previous segment's {picked['swapped'] / picked['scored']:.3f} ({picked['scored']} records)")
     return 0
+
+
+def verdicts(model, batch, embeds, target, candidates: list[int], picked: dict) -> None:
+    """Count, per record with a verdict word in its labels, whether the model picks it (among ``candidates``) with
+    the true targets at the latent slots and with the previous segment's."""
+    k = model.method.config.num_latent_tokens
+    b, t = model.latent_slots(batch)
+    labels = batch["labels"].tolist()
+    first = [next((p for p, x in enumerate(row) if x in candidates), None) for row in labels]
+    donor = target.view(-1, k, target.shape[-1]).roll(1, 0).reshape(target.shape)  # segment s gets s - 1's
+    for name, fed in (("true", target), ("swapped", donor)):
+        hidden = model.run_language_model(embeds.index_put((b, t), fed.to(embeds.dtype)), batch).last_hidden_state
+        for r, p in enumerate(first):
+            if p is not None:  # the state before position p predicts its label
+                logits = model.backbone.logits(hidden[r, p - 1][None])[0, candidates]
+                picked[name] += int(candidates[int(logits.argmax())] == labels[r][p])
+    picked["scored"] += sum(p is not None for p in first)
 
 
 if __name__ == "__main__":

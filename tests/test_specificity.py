@@ -57,8 +57,13 @@ def test_bench_script_pairs_each_helper_with_its_own_question_picture(tiny_base,
     model = tmp_path / "mirage"
     LatentVLM.from_pretrained(tiny_base, method="mirage").save_pretrained(model)
     out = subprocess.run([sys.executable, str(root / "bench" / "latent_specificity.py"), "--model", str(model),
-                          "--data", str(data), "--n", "4"], capture_output=True, text=True, check=True, timeout=300)
+                          "--data", str(data), "--n", "4", "--verdict", "falls,walks,reaches,stays"],
+                         capture_output=True, text=True, check=True, timeout=300)
     assert "4 examples, 16 latents (own)" in out.stdout and "alike (cos between examples" in out.stdout
     own, other = map(float, re.search(r"picture's \(mean distance per token\): ([\d.]+); from another example's: "
                                       r"([\d.]+) \(4 helpers\)", out.stdout).groups())
     assert own < other / 2
+    # every vsp record says "The drawn route <verdict>" after its latents: all 4 are scored, both ways
+    true, swapped = map(float, re.search(r"true targets ([\d.]+), the previous segment's ([\d.]+) \(4 records\)",
+                                         out.stdout).groups())
+    assert {true * 4, swapped * 4} <= {0.0, 1.0, 2.0, 3.0, 4.0}
