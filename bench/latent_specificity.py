@@ -5,7 +5,12 @@ slot with the true targets in place, as stage 1 trains it) against the pooled he
 the targets pool) lies from its own question picture's against another example's: a helper the tower sees as its
 question picture gives the latents nothing the picture in context does not.
 
+With ``--generated`` (any latent method): only how alike the latents are that the model feeds itself while answering
+the test questions (`generate`, as the bench's swap intervention runs it).
+
     python bench/latent_specificity.py --model runs/l/runs/mirage/vsp/seed0/lr0.001/stage0 --data runs/l/data/vsp
+    python bench/latent_specificity.py --model runs/l/runs/monet/vsp/seed0/lr0.001/stage2 --data runs/l/data/vsp \
+        --generated --max-new-tokens 176
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ def main() -> int:
     from vlatent.model import LatentVLM
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a Mirage checkpoint (either stage)")
+    ap.add_argument("--model", required=True, help="a Mirage checkpoint (either stage; any latent method with "
+                                                   "--generated)")
     ap.add_argument("--data", required=True, help="a data_builders folder with test.jsonl")
     ap.add_argument("--n", type=int, default=96, help="test records to use (default 96)")
     ap.add_argument("--teacher-forced", action="store_true", help="the state before each slot, true targets fed")
@@ -34,8 +40,12 @@ def main() -> int:
                     help="also, teacher-forced with the true targets and with the previous segment's in their place: "
                          "how often the model's pick among these words, where the record's answer first has one "
                          "of them, is the record's (e.g. falls,walks,reaches,stays for vsp's drawn route)")
+    ap.add_argument("--generated", action="store_true", help="the latents of generated answers, any latent method")
+    ap.add_argument("--max-new-tokens", type=int, default=176, help="with --generated (default 176: a vsp answer)")
     args = ap.parse_args()
     model = LatentVLM.from_pretrained(args.model).eval()
+    if args.generated:
+        return generated(model, args)
     if model.method.name != "mirage":
         raise SystemExit(f"error: {args.model} is a {model.method.name!r} model; the targets here are Mirage's")
     records = load_records(Path(args.data) / "test.jsonl")[: args.n]
@@ -85,6 +95,26 @@ def main() -> int:
     if picked["scored"]:
         print(f"  verdict word right, teacher-forced: true targets {picked['true'] / picked['scored']:.3f}, the "
               f"previous segment's {picked['swapped'] / picked['scored']:.3f} ({picked['scored']} records)")
+    return 0
+
+
+def generated(model, args) -> int:
+    """How alike the latents are that the model generates answering the first ``--n`` test questions."""
+    from eval.benchmarks import get_benchmark, load_examples
+    from vlatent.analysis import generated_specificity
+    from vlatent.data import load_records
+
+    if not model.method.uses_latents:
+        raise SystemExit(f"error: {args.model} is a {model.method.name!r} model, without latents")
+    task = load_records(Path(args.data) / "test.jsonl")[0]["task"]
+    examples = [ex for ex in load_examples(get_benchmark(task), args.data, "test") if ex.error is None][: args.n]
+    runs = [g for a in range(0, len(examples), 16) for g in model.generate(
+        [ex.open_images() for ex in examples[a:a + 16]], [ex.prompt for ex in examples[a:a + 16]],
+        max_new_tokens=args.max_new_tokens)]
+    got = generated_specificity(runs)
+    with_latents = sum(bool(g.latent_segments) for g in runs)
+    print(f"{args.model} ({model.method.name}, {task}): {len(runs)} answers, {with_latents} with latents")
+    print("  alike (cos between examples, same step): " + ("—" if got is None else f"{got.across:.4f}"))
     return 0
 
 

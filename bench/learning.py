@@ -193,11 +193,9 @@ def test_scores(model, job: dict, out: Path) -> dict:
 def intervention_scores(model, task: str, data: str, settings: dict, seed: int) -> dict:
     """Test accuracy with every latent zeroed, swapped with another example's, or replaced by same-norm noise, and
     the share of answers whose text changed, against the unmodified run ({} for an arm without latents)."""
-    import torch
-
     from eval.benchmarks import get_benchmark, judge, load_examples
     from eval.run import latent_kwargs
-    from vlatent.analysis import intervene, latent_specificity
+    from vlatent.analysis import generated_specificity, intervene
     from vlatent.analysis.intervene import next_with_latents
 
     if not model.method.uses_latents:
@@ -209,11 +207,9 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
     chunks = [(a, min(a + 16, len(examples))) for a in range(0, len(examples), 16)]  # batches of 16
     baseline = [g for a, b in chunks for g in model.generate(images[a:b], prompts[a:b], **kwargs)]
     scores = {"latent_rate": sum(bool(g.latent_segments) for g in baseline) / len(baseline), "interventions": {}}
-    latents = [torch.cat([s.latents for s in g.latent_segments]) for g in baseline if g.latent_segments]
-    if len(latents) > 1:  # how alike different examples' latents are: swapping identical latents changes nothing
-        scores["latent_across"] = latent_specificity(
-            torch.cat(latents), torch.cat([torch.full((len(z),), i) for i, z in enumerate(latents)]),
-            torch.cat([torch.arange(len(z)) for z in latents])).across
+    alike = generated_specificity(baseline)  # swapping latents that every example shares changes nothing
+    if alike is not None:
+        scores["latent_across"] = alike.across
     # "swap": intervene's own donor rule (the next example with latents), over the whole split rather than per batch;
     # the one example of a split where no other has latents keeps its own
     donors = [baseline[d if d is not None else i] for i, d in

@@ -29,6 +29,19 @@ def test_identical_latents_are_fully_alike_and_without_targets_only_that_is_meas
     assert got.own is got.retrieval is None
 
 
+def test_generated_specificity_takes_each_runs_latents_in_order_across_its_segments():
+    from vlatent.analysis import generated_specificity
+    from vlatent.generation import Generation, LatentSegment, TextSegment
+
+    def run(*segments):
+        return Generation([TextSegment("x", [1])] + [LatentSegment(torch.stack(z)) for z in segments])
+
+    # example 0 feeds e1 then (a second segment) e2; example 1 e1 then e3; a text-only run is left out
+    runs = [run([E1], [E2]), Generation([TextSegment("no latents", [1])]), run([3 * E1, E3])]
+    assert generated_specificity(runs).across == pytest.approx(0.5)  # step 0: (e1, e1); step 1: (e2, e3)
+    assert generated_specificity(runs[:2]) is None  # one example with latents: nothing to compare
+
+
 def test_specificity_refuses_what_it_cannot_measure():
     with pytest.raises(ValueError, match="at least two examples"):
         latent_specificity(torch.ones(2, 4), torch.tensor([0, 0]), torch.tensor([0, 1]))
@@ -67,3 +80,8 @@ def test_bench_script_pairs_each_helper_with_its_own_question_picture(tiny_base,
     true, swapped = map(float, re.search(r"true targets ([\d.]+), the previous segment's ([\d.]+) \(4 records\)",
                                          out.stdout).groups())
     assert {true * 4, swapped * 4} <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+    out = subprocess.run([sys.executable, str(root / "bench" / "latent_specificity.py"), "--model", str(model),
+                          "--data", str(data), "--n", "4", "--generated", "--max-new-tokens", "6"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    assert "(mirage, vsp): 4 answers, " in out.stdout and "alike (cos between examples, same step): " in out.stdout

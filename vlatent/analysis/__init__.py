@@ -4,8 +4,8 @@ wrong?) and each loss's gradient norm (which loss drives training?)."""
 
 from .gradients import loss_gradient_norms
 from .intervene import MODES, InterventionResult, LatentReplacer, answer_text, intervene
-from .specificity import Specificity, latent_specificity
+from .specificity import Specificity, generated_specificity, latent_specificity
 from .trace import TraceCheck, check_trace, trace_scores
 
 __all__ = ["MODES", "InterventionResult", "LatentReplacer", "Specificity", "TraceCheck", "answer_text", "check_trace",
-           "intervene", "latent_specificity", "loss_gradient_norms", "trace_scores"]
+           "generated_specificity", "intervene", "latent_specificity", "loss_gradient_norms", "trace_scores"]

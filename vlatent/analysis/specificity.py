@@ -46,3 +46,13 @@ def latent_specificity(latents: torch.Tensor, rows: torch.Tensor, index: torch.T
         result.retrieval = (nearest == torch.arange(len(z), device=z.device)).float().mean().item()
         result.chance = (1 / candidates.sum(1).float()).mean().item()
     return result
+
+
+def generated_specificity(runs: list) -> Specificity | None:
+    """``latent_specificity`` of the latents a set of ``generate`` runs fed (one run per example; None when fewer than
+    two examples reasoned in latents)."""
+    latents = [torch.cat([s.latents for s in g.latent_segments]) for g in runs if g.latent_segments]
+    if len(latents) < 2:
+        return None
+    return latent_specificity(torch.cat(latents), torch.cat([torch.full((len(z),), i) for i, z in enumerate(latents)]),
+                              torch.cat([torch.arange(len(z)) for z in latents]))
