@@ -81,8 +81,8 @@ def main() -> int:
             targets.append(target)
             rows.append(b + a)
     latents, rows = torch.cat(latents), torch.cat(rows)
-    # each latent's step within its example (latents come row-major, so the earlier ones of its row precede it)
-    index = torch.tensor([int((rows[:i] == r).sum()) for i, r in enumerate(rows)])
+    # each latent's step within its example (the latents come row-major: one run of each row)
+    index = torch.cat([torch.arange(n) for n in torch.unique_consecutive(rows, return_counts=True)[1].tolist()])
     got = latent_specificity(latents, rows, index, torch.cat(targets))
     how = "teacher-forced" if args.teacher_forced else "own"
     print(f"{args.model}: {len(records)} examples, {len(rows)} latents ({how})")

@@ -518,7 +518,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
               "fed back (`vlatent.analysis.intervene`): zeros, another test example's latents, Gaussian noise of the "
               "same norm; \"changed\" is the share of answers whose text changed; \"latent rate\" the share of "
               "answers that reasoned in latents at all; \"alike\" the mean cosine between different examples' "
-              "latents at the same step (`vlatent.analysis.latent_specificity`; near 1: every example gets the same "
+              "latents at the same step (`vlatent.analysis.generated_specificity`; near 1: every example gets the same "
               "latents, so a swap has nothing to change).", "",
               "| arm | task | accuracy | zero | swap | noise | changed (zero/swap/noise) | latent rate | alike |",
               "|---|---|---|---|---|---|---|---|---|"]
