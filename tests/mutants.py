@@ -136,6 +136,10 @@ MUTANTS = [
            "trainer.train(resume_from_checkpoint=last)", "trainer.train(resume_from_checkpoint=None)",
            ["tests/test_resume.py::test_sft_resume_continues_from_the_checkpoint",
             "tests/test_resume.py::test_vlpo_resume_continues_from_the_checkpoint"]),
+    Mutant("generator_state_not_restored", "vlatent/training/trainer.py",
+           "                g.set_state(saved[name])", "                pass",
+           ["tests/test_resume.py::test_vlpo_resume_samples_what_the_uninterrupted_run_samples",
+            "tests/test_resume.py::test_sketchpad_resume_redraws_the_uninterrupted_runs_rerenderings"]),
     # -- scoring ----------------------------------------------------------------------------------------------------
     Mutant("mmmu_first_mention_wins", "vlatent/scoring/mmmu.py",
            "haystack.rfind(mention[letter])", "haystack.find(mention[letter])",

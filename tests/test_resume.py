@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from vlatent.model import LatentVLM
 from vlatent.training.trainer import MANIFEST, file_hashes
 
+from test_sketchpad import TINY, rough_decoder  # noqa: F401  (an untrained sketch decoder: re-renders any sketch)
 from test_training import maze, recipe  # noqa: F401  (16 maze records from the real builder)
 from test_vlpo import write_prompts
 
@@ -86,6 +87,19 @@ def test_sft_resume_continues_from_the_checkpoint(tmp_path, tiny_base, maze, cap
     check_resume(lambda *extra: sft(["--config", cfg, *extra]), out, capsys, "loss")
 
 
+def test_sketchpad_resume_redraws_the_uninterrupted_runs_rerenderings(tmp_path, tiny_base, maze,  # noqa: F811
+                                                                      rough_decoder, capsys):  # noqa: F811
+    """``augment_sketches``: how often each fed sketch is re-rendered is drawn from the method's own generator, so the
+    steps after a resume match the uninterrupted run only if the checkpoint restores its state (restarted from its
+    seed, step 4 would re-render as step 1 did)."""
+    out = tmp_path / "run"
+    cfg = recipe(tmp_path, model=str(tiny_base), method="sketchpad",
+                 method_config={"stage": 1, "augment_sketches": 2, "augment_decoder": str(rough_decoder), **TINY},
+                 data={"train": str(maze), "max_length": 1024}, training={"output_dir": str(out), **TRAINING})
+    check_resume(lambda *extra: sft(["--config", cfg, *extra]), out, capsys, "loss")
+    assert (out / "checkpoint-3" / "vlatent_rng_0.pt").is_file()
+
+
 def test_vlpo_resume_continues_from_the_checkpoint(tmp_path, tiny_base, capsys):
     out = tmp_path / "run"
     data = write_prompts(tmp_path / "data", 8)
@@ -94,3 +108,27 @@ def test_vlpo_resume_continues_from_the_checkpoint(tmp_path, tiny_base, capsys):
                        "latent_sigma": 0.5, "reward_funcs": ["format"], "temperature": 1.0},
                  training={"output_dir": str(out), **TRAINING})
     check_resume(lambda *extra: vlpo(["--config", cfg, *extra]), out, capsys, "text_log_prob")
+
+
+def test_vlpo_resume_samples_what_the_uninterrupted_run_samples(tmp_path, tiny_base, capsys):
+    """One rollout batch per step and a reward that varies (the completions' length), so every step samples anew and
+    the policy moves: resumed at checkpoint-3, steps 4-6 must sample what the uninterrupted run sampled. That needs the
+    rollout generator's state from the checkpoint; restarted from its seed, step 4 would redraw step 1's samples."""
+    import test_vlpo  # noqa: F401  (registers the "test_length" reward)
+
+    out = tmp_path / "run"
+    data = write_prompts(tmp_path / "data", 8)
+    cfg = recipe(tmp_path, model=str(tiny_base), method="mirage", data={"train": str(data)},
+                 vlpo={"num_generations": 2, "max_completion_length": 8, "latent_sigma": 0.5, "temperature": 1.0,
+                       "updates_per_rollout": 1, "reward_funcs": ["test_length"]},
+                 training={"output_dir": str(out), **TRAINING})
+    assert vlpo(["--config", cfg]) == 0
+    assert (out / "checkpoint-3" / "vlatent_rng_0.pt").is_file()
+    straight = {key: logged(out, key) for key in ("reward", "text_log_prob", "grad_norm")}
+    assert len(set(straight["reward"].values())) > 1 and max(straight["grad_norm"].values()) > 0  # it samples, learns
+    cut_after_first_checkpoint(out)
+    assert vlpo(["--config", cfg, "--resume"]) == 0
+    for key, values in straight.items():
+        resumed = logged(out, key)
+        for step in (4, 5, 6):
+            assert abs(resumed[step] - values[step]) <= 1e-4 * abs(values[step]) + 1e-6, (key, step, resumed, values)

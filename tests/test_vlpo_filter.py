@@ -127,11 +127,11 @@ def test_a_short_pool_fills_the_batch_with_masked_groups(tiny_base, tmp_path):
     trainer = pool_trainer(tiny_base, tmp_path, "test_pool_one")
     records = sorted(trainer.train_dataset, key=lambda r: r["id"])
     loader = [records[0]] * 4 + [records[3]] * 4  # q0, q3: both dropped
-    drawn = trainer._pool_records(6, loader)
-    assert drawn == trainer._pool_records(6, loader)  # seeded by (seed, process, global step)
+    drawn = trainer._pool_records(6, loader, 0)
+    assert drawn == trainer._pool_records(6, loader, 0)  # seeded by (seed, process, the batch's first step)
     candidates = ["q0", "q3"] + [r["id"] for r in drawn[::4]]
     assert candidates[2:] == pool_order(["q0", "q3"], 6)
-    batch = trainer._rollout_batch(loader)  # one prompt to keep: the pool cannot fill 2 groups
+    batch = trainer._rollout_batch(loader, 0)  # one prompt to keep: the pool cannot fill 2 groups
     kept = [i for i in candidates if i == "q5"]
     unkept = [i for i in candidates if i != "q5"][: 2 - len(kept)]  # the earliest generated fill the batch
     assert [r.ids[0] for r in batch] == kept + unkept
@@ -139,3 +139,19 @@ def test_a_short_pool_fills_the_batch_with_masked_groups(tiny_base, tmp_path):
     assert trainer._metrics["difficulty/pool_prompts"] == [8.0]  # all of it generated
     assert trainer._metrics["difficulty/shortfall"] == [float(len(unkept))]
     assert len(trainer._metrics["difficulty/groups_kept"]) == 8
+
+
+def test_a_run_resumed_mid_batch_redraws_the_pool_of_the_batchs_first_step(tiny_base, tmp_path):
+    """Resumed at the second update of a 2-update rollout batch (global step 1, nothing generated yet), the batch is
+    regenerated from the prompts the uninterrupted run drew at step 0: the loader's, then the pool's step-0 order
+    (every prompt is generated here: only q5 is ever kept), not an order drawn for step 1."""
+    trainer = pool_trainer(tiny_base, tmp_path, "test_pool_one")
+    records = sorted(trainer.train_dataset, key=lambda r: r["id"])
+    loader = [records[0]] * 4 + [records[3]] * 4
+    scored, score = [], trainer._score
+    trainer._score = lambda rows: scored.append(rows[0]["id"]) or score(rows)  # which prompts, in generation order
+    trainer.state.global_step = 1
+    trainer._prepare_inputs(loader)
+    assert scored == ["q0", "q3"] + pool_order(["q0", "q3"], 6)
+    step1 = torch.randperm(8, generator=torch.Generator().manual_seed(1)).tolist()  # what step 1's seed would draw
+    assert scored[2:] != [f"q{i}" for i in step1 if i not in (0, 3)]

@@ -94,7 +94,7 @@ def test_batch_scaled_advantages_use_the_whole_rollout_batchs_std(tiny_base, tmp
     trainer = make_trainer(model, tmp_path, 2, scale_rewards="batch", updates_per_rollout=2,
                            reward_funcs=["test_batch_scale"])
     records = sorted(trainer.train_dataset, key=lambda r: r["id"])
-    batch = trainer._rollout_batch([records[0]] * 4 + [records[1]] * 4)
+    batch = trainer._rollout_batch([records[0]] * 4 + [records[1]] * 4, 0)
     std = statistics.stdev([1, 0, 0, 0, 3, 0, 3, 0])  # unbiased, as TRL
     expected = [[0.75, -0.25, -0.25, -0.25], [1.5, -1.5, 1.5, -1.5]]  # each group minus its mean
     assert len(batch) == 2

@@ -162,6 +162,11 @@ class LatentMethod(nn.Module):
         """Weight of each named loss in the total; names missing here weigh 1."""
         return {}
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """The method's own random generators that training draws from (Sketchpad's re-rendering counts), by name:
+        checkpoints keep their states so that a resumed run draws what the uninterrupted one draws."""
+        return {}
+
     # -- inference ----------------------------------------------------------------------------------
     def generation_state(self, model: "LatentVLM", batch: dict[str, torch.Tensor]) -> Any:
         """Per-batch state built once after the prompt is encoded (e.g. the input images' features), handed to

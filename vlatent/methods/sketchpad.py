@@ -324,6 +324,9 @@ class Sketchpad(LatentMethod):
         chosen = set(random.Random(seed).sample(range(len(records)), round(c.text_only_share * len(records))))
         return [text_only(r) if i in chosen else r for i, r in enumerate(records)], None
 
+    def generators(self):
+        return {"sketchpad/augment": self.augmenter.generator} if self.augmenter is not None else {}
+
     def load_augmenter(self, seed: int) -> SketchAugmenter:
         """The ``augment_decoder`` folder, refused unless it reads this model's sketches, with a generator seeded from
         ``seed``. Read when training starts, not at build time: a checkpoint trained with it loads where it is gone."""

@@ -22,6 +22,7 @@ from .lora import merge_lora, row_masked
 
 MANIFEST = "vlatent_manifest.json"  # written last: a checkpoint without it is incomplete
 STAGING = ".checkpoint-staging"  # checkpoints are written here, then renamed into the run folder
+GENERATORS = "vlatent_rng_{}.pt"  # per process: the states of ``LatentTrainer.generators``
 
 
 class NonFiniteError(RuntimeError):
@@ -209,6 +210,32 @@ class LatentTrainer(Trainer):
         raise NonFiniteError(f"training stopped at step {step}: {what} (learning_rate={self.args.learning_rate}); "
                              "the final model was not saved, "
                              + (f"the last good checkpoint is {last}" if last else "no checkpoint was saved"))
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The run's random generators besides the global ones the Trainer checkpoints itself (``rng_state*.pth``):
+        the method's (``LatentMethod.generators``); ``VLPOTrainer`` adds its rollout sampler. Each checkpoint keeps
+        their states, so a resumed run draws what the uninterrupted run draws."""
+        return self.accelerator.unwrap_model(self.model).method.generators()
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        states = {name: g.get_state() for name, g in self.generators().items()}
+        if states:
+            torch.save(states, os.path.join(output_dir, GENERATORS.format(self.args.process_index)))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        generators = self.generators()
+        if checkpoint is None or not generators:
+            return
+        path = Path(checkpoint, GENERATORS.format(self.args.process_index))
+        saved = torch.load(path, weights_only=True) if path.is_file() else {}
+        for name, g in generators.items():
+            if name in saved:
+                g.set_state(saved[name])
+            else:  # a checkpoint of an older version, or of a run without this generator
+                print(f"{checkpoint}: no state of the {name!r} generator: it restarts from its seed, so the resumed "
+                      "run's draws differ from an uninterrupted run's")
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)

@@ -51,7 +51,7 @@ Knobs are named as TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_l
   ``difficulty/groups_kept`` / ``groups_dropped`` count the filter's verdicts per generated micro-batch. With
   ``difficulty_pool: 1`` the update has fewer prompts. With ``difficulty_pool: N > 1`` the rollout batch is refilled:
   DAPO's dynamic sampling, bounded by a pool of N x its prompts (the loader's first, then other prompts drawn from
-  the dataset, seeded by seed, process and global step). Micro-batches are generated until enough groups are kept (on
+  the dataset, seeded by seed, process and the batch's first step). Micro-batches are generated until enough groups are kept (on
   every process while any needs more: an all-reduce decides, generation being synced), and the batch holds kept groups
   only; short of them, the earliest unkept groups fill it masked (``difficulty/shortfall``, ``pool_prompts``). The
   release (Monet RL/verl/trainer/ray_trainer.py:575-579, 769-788) always rolls out its whole 256-prompt pool and trains
@@ -554,7 +554,13 @@ class VLPOTrainer(LatentTrainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._warned_no_latents = False
         self._stated_noise = False
-        self._rng = torch.Generator(device=self.args.device).manual_seed(args.seed + 1_000_003 * args.process_index)
+        seed = args.seed + 1_000_003 * args.process_index
+        self._rng = torch.Generator(device=self.args.device).manual_seed(seed)  # rollout sampling
+        self._rng_at_batch = torch.Generator(device=self.args.device).manual_seed(seed)  # its state at the batch start
+
+    def generators(self):
+        policy = self.accelerator.unwrap_model(self.model).policy
+        return {**policy.method.generators(), "vlpo/rollouts": self._rng, "vlpo/rollouts_at_batch": self._rng_at_batch}
 
     # -- data ------------------------------------------------------------------------------------------
     def _get_collator_with_removed_columns(self, data_collator, description=None):
@@ -586,21 +592,27 @@ class VLPOTrainer(LatentTrainer):
     def _prepare_inputs(self, records: list[dict]) -> Rollouts:
         """The rollouts of this micro-step. At the first micro-step of a rollout batch (or the first after a resume)
         all of its micro-batches are generated and scored by the current policy; the optimizer steps of the batch
-        then take them in order: ``num_iterations`` passes of ``updates_per_rollout`` mini-batches."""
+        then take them in order: ``num_iterations`` passes of ``updates_per_rollout`` mini-batches. A run resumed in
+        the middle of a batch regenerates it from the pool prompts and the sampler state the batch began with, with
+        the resumed policy (the rollouts themselves are not checkpointed); at a batch boundary a resume is exact."""
         c, accumulation = self.vlpo, self.args.gradient_accumulation_steps
         step = self.state.global_step % (c.updates_per_rollout * c.num_iterations)
         index = (step % c.updates_per_rollout) * accumulation + self._micro % accumulation
         self._micro += 1
-        if (step == 0 and index == 0) or not self._buffer:
-            self._buffer, self._buffer_for = self._rollout_batch(records), [r["id"] for r in records]
+        if (step == 0 and index == 0) or not self._buffer:  # not self._buffer: resumed in the middle of the batch
+            if step or index:  # resumed mid-batch: redraw the batch from its own start (prompts and random stream)
+                self._rng.set_state(self._rng_at_batch.get_state())
+            self._rng_at_batch.set_state(self._rng.get_state())
+            first = self.state.global_step - step  # the optimizer step this rollout batch began at
+            self._buffer, self._buffer_for = self._rollout_batch(records, first), [r["id"] for r in records]
         if self._buffer_for != [r["id"] for r in records]:
             raise RuntimeError(f"rollout reuse out of step: rollouts made for {self._buffer_for[:2]}..., got "
                                f"{[r['id'] for r in records][:2]}... (was the sampler replaced?)")
         return self._buffer[index]
 
-    def _rollout_batch(self, records: list[dict]) -> list[Rollouts]:
+    def _rollout_batch(self, records: list[dict], first: int) -> list[Rollouts]:
         """The micro-batches of one rollout batch, from the data loader's ``records`` (with ``difficulty_pool > 1``
-        refilled with kept groups: see the module docstring)."""
+        refilled with kept groups: see the module docstring). ``first``: the optimizer step the batch began at."""
         c, per_device, g = self.vlpo, self.args.per_device_train_batch_size, self.vlpo.num_generations
         if c.difficulty_pool == 1:
             start = time.perf_counter()
@@ -608,7 +620,7 @@ class VLPOTrainer(LatentTrainer):
             shared = (time.perf_counter() - start) / len(batch)  # generating and scoring, per micro-batch
             return [self._finish(self._build(s), time.perf_counter(), shared) for s in batch]
         start, needed = time.perf_counter(), len(records) // g  # groups in the batch
-        rows = records + self._pool_records((c.difficulty_pool - 1) * needed, records)
+        rows = records + self._pool_records((c.difficulty_pool - 1) * needed, records, first)
         pool = []  # Scored groups, in generation order
         for i in range(0, len(rows), per_device):
             pool += self._score(rows[i : i + per_device]).groups(g)
@@ -628,12 +640,12 @@ class VLPOTrainer(LatentTrainer):
         shared = (time.perf_counter() - start) / len(batch)  # generating and scoring, per micro-batch
         return [self._finish(self._build(s), time.perf_counter(), shared) for s in batch]
 
-    def _pool_records(self, n: int, taken: list[dict]) -> list[dict]:
+    def _pool_records(self, n: int, taken: list[dict], first: int) -> list[dict]:
         """``n`` prompts of the train dataset for the difficulty pool, each ``num_generations`` times: a seeded random
-        order (the same for a (seed, process, global step) on a rerun or resume), the prompts in ``taken`` left out."""
+        order (the same for a (seed, process, first step of the rollout batch), also when a run resumed in the middle
+        of the batch regenerates it), the prompts in ``taken`` left out."""
         a, dataset, ids = self.args, self.train_dataset, {r["id"] for r in taken}
-        generator = torch.Generator().manual_seed((a.seed * 1_000_003 + a.process_index) * 1_000_003
-                                                  + self.state.global_step)
+        generator = torch.Generator().manual_seed((a.seed * 1_000_003 + a.process_index) * 1_000_003 + first)
         order = torch.randperm(len(dataset), generator=generator).tolist()
         order = [i for i in order if dataset[i]["id"] not in ids] or order  # all taken: a one-batch dataset
         return [dataset[order[k % len(order)]] for k in range(n) for _ in range(self.vlpo.num_generations)]
