@@ -47,7 +47,9 @@ def parse_args(argv):
                                                 "default: train a small one")
     ap.add_argument("--vae-channels", default="16,32,32,32", help="small VAE block widths (one per resolution)")
     ap.add_argument("--vae-steps", type=int, default=300)
-    ap.add_argument("--aligner-steps", type=int, default=1000)
+    ap.add_argument("--aligner-steps", type=int, default=3000,
+                    help="aligner updates; on 2700 maze sketches of the tiny base's ViT held-out path IoU was 0.18 at "
+                         "600, 0.44 at 1500 and 0.72 (the VAE round trip's) at 3000 (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the small VAE")
     ap.add_argument("--aligner-lr", type=float, default=3e-4)
