@@ -41,3 +41,14 @@ def switching_model(mirage_model):
         head[model.method.config.latent_start_id] = head[token]
         head[token] = -head[token]
     return model
+
+
+@pytest.fixture(scope="session")
+def rough_decoder(tmp_path_factory):
+    """An untrained sketch decoder for the tiny ViT's 56 px sketches (16 x 32 features): it draws some picture of any
+    sketch, which is all Sketchpad's re-rendering (``augment_sketches``) needs."""
+    from vlatent.decoders import SketchDecoder, SketchDecoderConfig
+
+    torch.manual_seed(0)
+    config = SketchDecoderConfig(feature_dim=32, num_features=16, image_size=32, encoder_image_size=56)
+    return SketchDecoder(config).save_pretrained(tmp_path_factory.mktemp("rough") / "decoder")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from vlatent.model import LatentVLM
 from vlatent.training.trainer import MANIFEST, file_hashes
 
-from test_sketchpad import TINY, rough_decoder  # noqa: F401  (an untrained sketch decoder: re-renders any sketch)
+from test_sketchpad import TINY
 from test_training import maze, recipe  # noqa: F401  (16 maze records from the real builder)
 from test_vlpo import write_prompts
 
@@ -88,7 +88,7 @@ def test_sft_resume_continues_from_the_checkpoint(tmp_path, tiny_base, maze, cap
 
 
 def test_sketchpad_resume_redraws_the_uninterrupted_runs_rerenderings(tmp_path, tiny_base, maze,  # noqa: F811
-                                                                      rough_decoder, capsys):  # noqa: F811
+                                                                      rough_decoder, capsys):
     """``augment_sketches``: how often each fed sketch is re-rendered is drawn from the method's own generator, so the
     steps after a resume match the uninterrupted run only if the checkpoint restores its state (restarted from its
     seed, step 4 would re-render as step 1 did)."""

@@ -294,15 +294,6 @@ def test_stage2_under_deepspeed(tmp_path, stages, maze):
     assert gen.latent_segments[0].features.shape == (16, 32)
 
 
-@pytest.fixture(scope="module")
-def rough_decoder(tmp_path_factory):
-    """An untrained sketch decoder for the tiny ViT's 56 px sketches (16 x 32 features): it draws some picture of any
-    sketch, which is all re-rendering needs (the trained one of ``decoder`` takes longer to build)."""
-    torch.manual_seed(0)
-    config = SketchDecoderConfig(feature_dim=32, num_features=16, image_size=32, encoder_image_size=56)
-    return SketchDecoder(config).save_pretrained(tmp_path_factory.mktemp("rough") / "decoder")
-
-
 def run_losses(model, batch):
     """``training_losses`` without gradients; also the embeddings the LM got and the head's outputs."""
     fed, heads = [], []

@@ -179,13 +179,15 @@ def zero3_two_processes(tmp_path, base, method, method_config, train, **entries)
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_keep_sketchpad_stage1s_frozen_weights_bit_identical(tmp_path, tiny_base):
+def test_zero3_two_processes_keep_sketchpad_stage1s_frozen_weights_bit_identical(tmp_path, tiny_base, rough_decoder):
     """train/recipes/sketchpad_stage1.yaml's freezing under ZeRO-3 (partitioned parameters): the vision tower, the
     merger's norm and the base vocabulary's embedding rows stay bit-identical, the merger MLP and the added tokens'
-    rows (a gradient hook masks the rest) learn."""
+    rows (a gradient hook masks the rest) learn. With ``augment_sketches`` on and half the records text-only, a rank
+    with no sketch to re-render must still run the tower as often as the other (ZeRO-3 gathers it module by module)."""
     data = write_records(tmp_path / "data", [("a", 1, True), ("b", 1, True)])
     after, before, start = zero3_two_processes(
-        tmp_path, tiny_base, "sketchpad", {"stage": 1, "sketch_size": 56, "head_heads": 4, "text_only_share": 0.5},
+        tmp_path, tiny_base, "sketchpad", {"stage": 1, "sketch_size": 56, "head_heads": 4, "text_only_share": 0.5,
+                                           "augment_sketches": 2, "augment_decoder": str(rough_decoder)},
         data, freeze_vision_tower=True, freeze_embed_tokens=True, freeze_projector_norm=True,
         training={"learning_rate": 1e-2, "weight_decay": 0.01})  # the recipe's decay: it must spare frozen rows
     vision = [k for k in before if k.startswith("model.visual.") and ".merger." not in k]
