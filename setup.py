@@ -47,7 +47,8 @@ setup(
         "tensorboard": ["tensorboard>=2.14,<3"],
         "wandb": ["wandb>=0.16,<1"],
         "lmms": ["lmms-eval>=0.7.3,<0.8"],
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "playwright>=1.40,<2"],
+        # lmms-eval: the adapter's tests run in CI too (it leaves torch and transformers as they are)
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "playwright>=1.40,<2", "lmms-eval>=0.7.3,<0.8"],
     },
     entry_points={"console_scripts": ["vlatent=vlatent.cli:main"]},
 )
