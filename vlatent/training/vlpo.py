@@ -51,11 +51,11 @@ Knobs are named as TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_l
   ``difficulty/groups_kept`` / ``groups_dropped`` count the filter's verdicts per generated micro-batch. With
   ``difficulty_pool: 1`` the update has fewer prompts. With ``difficulty_pool: N > 1`` the rollout batch is refilled:
   DAPO's dynamic sampling, bounded by a pool of N x its prompts (the loader's first, then other prompts drawn from
-  the dataset, seeded by seed, process and the batch's first step). Micro-batches are generated until enough groups are kept (on
-  every process while any needs more: an all-reduce decides, generation being synced), and the batch holds kept groups
-  only; short of them, the earliest unkept groups fill it masked (``difficulty/shortfall``, ``pool_prompts``). The
-  release (Monet RL/verl/trainer/ray_trainer.py:575-579, 769-788) always rolls out its whole 256-prompt pool and trains
-  every full 64-prompt batch of kept prompts in it; we stop once one batch is full and drop the surplus.
+  the dataset, seeded by seed, process and the batch's first step). Micro-batches are generated until enough groups
+  are kept (on every process while any needs more: an all-reduce decides, generation being synced), and the batch
+  holds kept groups only; short of them, the earliest unkept groups fill it masked (``difficulty/shortfall``,
+  ``pool_prompts``). The release (Monet RL/verl/trainer/ray_trainer.py:575-579, 769-788) always rolls out its whole
+  256-prompt pool and trains every full 64-prompt batch of kept prompts in it; we stop once one batch is full and drop the surplus.
 - The KL reference (``beta > 0``) is a frozen full copy of the initial policy on every process (TRL runs it through
   DeepSpeed, partitioned under ZeRO-3): one forward per micro-batch, no all-gathers, one model's memory more.
 
