@@ -101,6 +101,10 @@ def open_image(path) -> Image.Image:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageRejected(f"{path.name} is {im.width}x{im.height} pixels, over the "
                                         f"{MAX_PIXELS // 10**6} MP limit (decompression-bomb guard)")
+                # a cut or corrupt file fails here even where a library in this process (lmms-eval does) has set
+                # ImageFile.LOAD_TRUNCATED_IMAGES, under which decoding would pad it silently
+                im.verify()
+            with Image.open(path) as im:  # verify() leaves its image unusable
                 im.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size
                 image = im.convert("RGB")
     except ImageRejected:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vlatent.analysis import MODES, intervene
 from vlatent.cli import main as vlatent_main
@@ -218,7 +218,7 @@ def test_run_streams_text_and_latent_cards_with_images(mirage_model, image_file,
     assert "Unknown intervention" in app.intervene("erase", final[RECORD])
 
 
-def test_run_refuses_bad_uploads_and_settings_with_a_message(mirage_model, image_file, tmp_path):
+def test_run_refuses_bad_uploads_and_settings_with_a_message(mirage_model, image_file, tmp_path, monkeypatch):
     app = LatentDemo(mirage_model)
     text = tmp_path / "notes.png"
     text.write_text("not a picture")
@@ -237,6 +237,10 @@ def test_run_refuses_bad_uploads_and_settings_with_a_message(mirage_model, image
     for args, message in cases:
         (update,) = list(app.run(*args))
         assert update[STATUS].startswith("**Rejected:**") and message in update[STATUS], (args[0], update[STATUS])
+    # a library in the same process that lets Pillow decode cut files (lmms-eval sets this flag on import)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    (update,) = list(app.run(str(cut), "q"))
+    assert "could not be decoded" in update[STATUS], update[STATUS]
 
 
 def test_huge_images_are_shrunk(tmp_path):
