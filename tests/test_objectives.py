@@ -67,6 +67,14 @@ def test_mirage_stage1_ce_is_next_token_ce_on_the_labelled_positions(mirage_mode
 # Sketchpad
 
 
+def places(grid_thw):
+    """Each ViT vector's centre in its picture, in [0, 1], by hand: Qwen2.5-VL's runs of 2 x 2 patches (raster order
+    inside), the runs in raster order over the merged grid."""
+    _, h, w = grid_thw.tolist()
+    return torch.tensor([((2 * r + dr + 0.5) / h, (2 * c + dc + 0.5) / w) for r in range(h // 2) for c in range(w // 2)
+                         for dr in (0, 1) for dc in (0, 1)])
+
+
 @pytest.fixture(scope="module")
 def sketchpad(tiny_base):
     torch.manual_seed(0)
@@ -75,9 +83,10 @@ def sketchpad(tiny_base):
 
 def test_sketchpad_stage2_losses_recomputed_per_sketch(sketchpad, records):
     """Per sketch: the head reads the K LM states *before* its slots (teacher forced with the true sketch), its global
-    context is the row's earlier question images and earlier sketches (not its own); L1 in ViT space and after the
-    merger. Catches the target leaking (state at the slot itself), the sketch's own target in its context, MSE for
-    L1, or the merger's side left out."""
+    context is the row's earlier question images and earlier sketches (not its own), each vector with its place in
+    its picture; L1 in ViT space and after the merger. Catches the target leaking (state at the slot itself), the
+    sketch's own target in its context, places on the wrong axis or of another picture, MSE for L1, or the merger's
+    side left out."""
     model, m = sketchpad, sketchpad.method
     backbone, k = model.backbone, m.config.num_latent_tokens
     batch = model.collator()(records)
@@ -94,13 +103,14 @@ def test_sketchpad_stage2_losses_recomputed_per_sketch(sketchpad, records):
         vit, merged, seen = [], [], {}
         for s in range(len(where) // k):
             r, first = where[s * k]
-            context = ([question[r]] if r < 2 else []) + seen.get(r, [])
+            context = ([(question[r], places(batch["image_grid_thw"][r]))] if r < 2 else []) + seen.get(r, [])
             before = torch.stack([hidden[r, p - 1] for _, p in where[s * k:(s + 1) * k]])
-            ctx = torch.cat(context)[None] if context else hidden.new_zeros(1, 0, m.config.vision_feature_size)
-            pred = m.head(before[None], ctx, torch.ones(ctx.shape[:2], dtype=torch.bool))[0]
+            ctx = torch.cat([f for f, _ in context])[None] if context else hidden.new_zeros(1, 0, 32)
+            at = torch.cat([c for _, c in context])[None] if context else hidden.new_zeros(1, 0, 2)
+            pred = m.head(before[None], ctx, torch.ones(ctx.shape[:2], dtype=torch.bool), at)[0]
             vit.append((pred - targets[s]).abs())
             merged.append((backbone.project_vision_features(pred) - backbone.project_vision_features(targets[s])).abs())
-            seen.setdefault(r, []).append(targets[s])
+            seen.setdefault(r, []).append((targets[s], places(batch["latent_target_grid_thw"][s])))
     assert len(vit) == 4
     torch.testing.assert_close(got["latent_vit"], torch.cat(vit).mean(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got["latent_embed"], torch.cat(merged).mean(), atol=1e-5, rtol=1e-4)
@@ -142,7 +152,8 @@ def test_sketchpad_generated_sketch_is_the_head_on_its_own_teacher_forced_sequen
         hidden = model.run_language_model(embeds, batch).last_hidden_state
         context = model.backbone.vision_features(batch["pixel_values"], batch["image_grid_thw"])[0][None]
         before = torch.stack([hidden[r, p - 1] for r, p in where])[None]
-        pred = m.head(before, context, torch.ones(context.shape[:2], dtype=torch.bool))[0]
+        at = places(batch["image_grid_thw"][0])[None]
+        pred = m.head(before, context, torch.ones(context.shape[:2], dtype=torch.bool), at)[0]
     torch.testing.assert_close(segment.features, pred, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(segment.latents, model.backbone.project_vision_features(pred), atol=1e-4, rtol=1e-4)
 

@@ -17,6 +17,8 @@ K latent LM tokens <-> ViT vectors: one LM token is what the merger fuses from `
 per token in the order ``backbone.vision_features`` returns them. The head maps each hidden state to its token's
 ``features_per_token`` vectors (an MLP, as released: hidden -> hidden -> 4 x 1280), then refines them with blocks
 of [causal cross-attention to (global context ; local latents), causal self-attention over the local latents, MLP].
+Every context vector and every latent carries where it sits in its picture (``grid_coords``), so the head can copy
+what stands at a place in the question image to the same place of the sketch.
 
 Two stages, as released (``scripts/train_stage{1,2}.sh``):
 1. Fine-tune the backbone on the interleaved data: each latent slot holds the ground-truth sketch (the helper image's
@@ -44,6 +46,12 @@ Choices the paper leaves open (or where the release is not followed):
   merger's RMSNorm); the merger still normalises on the way into the LM. The head's output has a free scale.
 - Global context = ViT features of the input images and of earlier sketches (targets in training, the head's own
   latents at inference); the release feeds the input images' merged embeddings through the head's MLP instead.
+- Positions: each context vector and each latent gets a learned map of its (row, col) centre in its own picture,
+  scaled to [0, 1] (``CoordinateEmbedding``), so a sketch's cell lines up with the same cell of a question image of
+  any size. The release numbers its packed prefix and sketch 1-D (a learned embedding and rotary over the sequence
+  index, ``model/perceiver.py:245, 273-277``), which lines up only images of one fixed size. Without positions the
+  context is a set: the tiny head drew one average maze for every input (decoded path IoU 0.09-0.11 against the
+  example's own helper images and against another example's alike).
 - Helper images are resized to exactly ``sketch_size`` px (collator ``latent_target_size``), so every sketch is one
   fixed grid; the release fixes 256 tokens (448 px) likewise.
 - A sketch is forced to exactly K latents: use ``latent_steps="fixed"`` (the default) at inference.
@@ -140,6 +148,32 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, n, d))
 
 
+def grid_coords(rows: int, cols: int, merge: int) -> torch.Tensor:
+    """(rows * cols * merge^2, 2): the (row, col) centre in [0, 1] of each ViT vector of a picture whose LM tokens
+    tile a ``rows`` x ``cols`` grid in raster order, each token a run of ``merge`` x ``merge`` vectors in raster
+    order (the order ``Backbone.vision_features`` returns)."""
+    token_row, token_col = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)  # (t,)
+    sub_row, sub_col = torch.arange(merge).repeat_interleave(merge), torch.arange(merge).repeat(merge)  # (m^2,)
+    row = token_row[:, None] * merge + sub_row  # (t, m^2)
+    col = token_col[:, None] * merge + sub_col
+    return torch.stack([(row.flatten() + 0.5) / (rows * merge), (col.flatten() + 0.5) / (cols * merge)], dim=1)
+
+
+class CoordinateEmbedding(nn.Module):
+    """(..., 2) coordinates in [0, 1] -> (..., dim): sines and cosines at ``octaves`` doubling frequencies (the finest
+    tells apart vectors 2^-octaves apart), then a linear map."""
+
+    def __init__(self, dim: int, octaves: int = 6):
+        super().__init__()
+        self.octaves = octaves
+        self.proj = nn.Linear(4 * octaves, dim)
+
+    def forward(self, coords):
+        frequencies = torch.pi * 2.0 ** torch.arange(self.octaves, device=coords.device)  # float32 whatever the model's
+        angles = coords[..., None].float() * frequencies  # (..., 2, octaves)
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(self.proj.weight.dtype))
+
+
 class VisionHeadBlock(nn.Module):
     """Causal cross-attention over (global context ; local latents), causal self-attention over the local latents,
     MLP; pre-norm residuals."""
@@ -163,8 +197,8 @@ class VisionHeadBlock(nn.Module):
 
 
 class VisionHead(nn.Module):
-    """LM hidden states before each slot of a sketch -> its ViT-space latents:
-    ``(s, k, hidden) -> (s, k * per, d_v)``."""
+    """LM hidden states before each slot of a sketch, and the global context with each vector's place in its picture
+    -> the sketch's ViT-space latents: ``(s, k, hidden), (s, g, d_v), (s, g), (s, g, 2) -> (s, k * per, d_v)``."""
 
     def __init__(self, hidden_size: int, feature_size: int, per_token: int, num_tokens: int, layers: int, heads: int):
         super().__init__()
@@ -172,15 +206,21 @@ class VisionHead(nn.Module):
         self.in_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
                                      nn.Linear(hidden_size, per_token * feature_size))
         self.position = nn.Parameter(torch.randn(num_tokens * per_token, feature_size) * 0.02)  # within a sketch
+        self.coords = CoordinateEmbedding(feature_size)
+        side = round(num_tokens**0.5)
+        if side * side != num_tokens or round(per_token**0.5) ** 2 != per_token:
+            raise ValueError(f"sketchpad: a sketch of {num_tokens} tokens of {per_token} ViT vectors is not a square "
+                             "grid of square runs")
+        self.register_buffer("sketch_coords", grid_coords(side, side, round(per_token**0.5)), persistent=False)
         self.blocks = nn.ModuleList(VisionHeadBlock(feature_size, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(feature_size)
         self.out_proj = nn.Linear(feature_size, feature_size)
 
-    def forward(self, hidden, context, context_mask):
+    def forward(self, hidden, context, context_mask, context_coords):
         s, k, _ = hidden.shape
         x = self.in_proj(hidden).view(s, k * self.per_token, self.feature_size)  # (s, k * per, d_v)
-        x = x + self.position[: x.shape[1]]
-        context = context.to(x.dtype)
+        x = x + self.position[: x.shape[1]] + self.coords(self.sketch_coords[: x.shape[1]])
+        context = context.to(x.dtype) + self.coords(context_coords)  # (s, g, d_v)
         for block in self.blocks:
             x = block(x, context, context_mask)
         return self.out_proj(self.norm(x))
@@ -191,7 +231,7 @@ class SketchState:
     """Per-batch inference state: each row's global context, and the current sketch's LM states and latents."""
 
     project: object  # backbone.project_vision_features
-    context: list[list[torch.Tensor]]  # per row: (n_i, d_v) ViT features of input images and finished sketches
+    context: list[list[tuple]]  # per row: input images and finished sketches, (n_i, d_v) ViT features, (n_i, 2) places
     space: object = None  # Sketchpad.head_space on the backbone: the head's output -> a sketch's features
     hidden: list[list[torch.Tensor]] = field(default_factory=list)  # per row: LM states of the current sketch
     features: list[torch.Tensor | None] = field(default_factory=list)  # per row: current sketch (k * per, d_v)
@@ -207,6 +247,14 @@ def pad_context(pieces: list[list[torch.Tensor]], width: int, like: torch.Tensor
         out[i, : r.shape[0]] = r
         mask[i, : r.shape[0]] = True
     return out, mask
+
+
+def stack_context(pieces: list[list[tuple]], width: int, like: torch.Tensor):
+    """Per-sketch lists of ((n_i, d) features, (n_i, 2) places) -> the head's context: (s, g, d) zero-padded, its
+    (s, g) validity mask and (s, g, 2) places."""
+    context, mask = pad_context([[f for f, _ in p] for p in pieces], width, like)
+    coords, _ = pad_context([[c.to(like) for _, c in p] for p in pieces], 2, like)
+    return context, mask, coords
 
 
 def image_rows(input_ids: torch.Tensor, image_token_id: int) -> tuple[list[int], list[int]]:
@@ -445,14 +493,14 @@ class Sketchpad(LatentMethod):
         images, images_real = self.vit_features(model, batch.get("pixel_values"), batch.get("image_grid_thw"))
         if not real:  # no sketch in this batch: run the head (and merger) anyway, at weight 0
             predicted = self.head(hidden.new_zeros(1, c.num_latent_tokens, hidden.shape[-1]),
-                                  hidden.new_zeros(1, 0, c.vision_feature_size),
-                                  torch.zeros(1, 0, dtype=torch.bool, device=hidden.device))
+                                  *stack_context([[]], c.vision_feature_size, hidden))
             zero = (predicted.sum() + backbone.project_vision_features(predicted.flatten(0, 1)).sum()) * 0.0
             return {**losses, "latent_vit": zero, "latent_embed": zero}
         k = c.num_latent_tokens
         space = [self.head_space(backbone, f) for f in targets]  # the head's targets and context in its own space
-        context = self.global_context(batch, b, t, space, [self.head_space(backbone, f) for f in images]
-                                      if images_real else [], backbone.image_token_id)
+        images = [(self.head_space(backbone, f), self.image_coords(backbone, g, f))
+                  for f, g in zip(images, batch["image_grid_thw"])] if images_real else []
+        context = self.global_context(batch, b, t, space, images, backbone.image_token_id)
         predicted = self.head(hidden[b, t - 1].view(-1, k, hidden.shape[-1]), *context)  # (s, k * per, d_v)
         embedded = backbone.project_vision_features(predicted.flatten(0, 1))  # (s * k, hidden)
         losses["latent_vit"] = F.l1_loss(self.head_space(backbone, predicted).float(), torch.stack(space).float())
@@ -460,26 +508,46 @@ class Sketchpad(LatentMethod):
         return losses
 
     def global_context(self, batch, b, t, targets, images, image_token_id):
-        """Each sketch's global context: ViT features of its row's earlier inline images and earlier sketches,
-        padded to ``(s, g, d_v)`` with its ``(s, g)`` mask."""
+        """Each sketch's global context: its row's earlier inline images (``images``: (features, places) pairs in
+        the batch's order) and earlier sketches (``targets``), as ``stack_context`` gives it to the head."""
         k = self.config.num_latent_tokens
         seg_rows, seg_starts = b.view(-1, k)[:, 0].tolist(), t.view(-1, k)[:, 0].tolist()
         placed = list(zip(*image_rows(batch["input_ids"], image_token_id), images)) if images else []
         pieces = []
         for s, (row, start) in enumerate(zip(seg_rows, seg_starts)):
             earlier = [f for r, p, f in placed if r == row and p < start]
-            earlier += [targets[j] for j in range(s) if seg_rows[j] == row]  # segments come in row-major order
+            # segments come in row-major order
+            earlier += [(targets[j], self.head.sketch_coords) for j in range(s) if seg_rows[j] == row]
             pieces.append(earlier)
-        return pad_context(pieces, self.config.vision_feature_size, targets[0])
+        return stack_context(pieces, self.config.vision_feature_size, targets[0])
+
+    def image_coords(self, backbone, grid_thw, features) -> torch.Tensor:
+        """(n, 2): where each of an input image's n ViT vectors sits in it (``grid_coords`` over the LM tokens'
+        grid, ``backbone.token_grid``)."""
+        per = self.config.features_per_token
+        rows, cols = backbone.token_grid(grid_thw, features.shape[0] // per)
+        coords = grid_coords(rows, cols, round(per**0.5))
+        if coords.shape[0] != features.shape[0]:
+            raise ValueError(f"sketchpad: an input image gives {features.shape[0]} ViT vectors, its {rows} x {cols} "
+                             f"token grid of {per} vectors each {coords.shape[0]}")
+        return coords.to(features.device)
+
+    def image_context(self, backbone, input_ids, pixel_values, grid) -> list[list[tuple]]:
+        """Per row of ``input_ids``: its inline images as (ViT features in the head's space, places) pairs, in order."""
+        context = [[] for _ in range(input_ids.shape[0])]
+        if pixel_values is None:
+            return context
+        with torch.no_grad():
+            feats = backbone.vision_features(pixel_values, grid)
+        for row, f, g in zip(image_rows(input_ids, backbone.image_token_id)[0], feats, grid):
+            context[row].append((self.head_space(backbone, f), self.image_coords(backbone, g, f)))
+        return context
 
     # -- inference ----------------------------------------------------------------------------------
     def generation_state(self, model, batch):
         backbone, n = model.backbone, batch["input_ids"].shape[0]
-        context = [[] for _ in range(n)]
-        if batch.get("pixel_values") is not None:
-            feats = backbone.vision_features(batch["pixel_values"], batch["image_grid_thw"])
-            for row, _, f in zip(*image_rows(batch["input_ids"], backbone.image_token_id), feats):
-                context[row].append(self.head_space(backbone, f))
+        context = self.image_context(backbone, batch["input_ids"], batch.get("pixel_values"),
+                                     batch.get("image_grid_thw"))
         return SketchState(project=backbone.project_vision_features, context=context,
                            space=lambda f: self.head_space(backbone, f).to(f.dtype),
                            hidden=[[] for _ in range(n)], features=[None] * n)
@@ -490,23 +558,23 @@ class Sketchpad(LatentMethod):
         state, k, per = context.state, self.config.num_latent_tokens, self.config.features_per_token
         rows, steps = context.rows.tolist(), context.step.tolist()
         if not rows:  # synced generation (ZeRO-3): this process has no sketching row but runs the modules anyway
-            empty = hidden.new_zeros(1, 0, self.config.vision_feature_size)
-            out = self.head(hidden.new_zeros(1, 1, hidden.shape[-1]), empty, empty[..., 0].bool())
+            out = self.head(hidden.new_zeros(1, 1, hidden.shape[-1]),
+                            *stack_context([[]], self.config.vision_feature_size, hidden))
             return state.project(out[0])[:0].to(hidden.dtype)  # (0, hidden)
         for row, step, h in zip(rows, steps, hidden):
             if step >= k:
                 raise ValueError(f"sketchpad sketches are exactly K={k} latents; generate with latent_steps='fixed'")
             if step == 0:  # a new sketch: the finished one joins the row's global context
                 if state.features[row] is not None:
-                    state.context[row].append(state.features[row])
+                    state.context[row].append((state.features[row], self.head.sketch_coords))
                 state.hidden[row], state.features[row] = [], None
             state.hidden[row].append(h)
         lengths = [len(state.hidden[r]) for r in rows]
         local = hidden.new_zeros(len(rows), max(lengths), hidden.shape[-1])  # padded at the end: causal, never read
         for i, r in enumerate(rows):
             local[i, : lengths[i]] = torch.stack(state.hidden[r])
-        ctx, mask = pad_context([state.context[r] for r in rows], self.config.vision_feature_size, hidden)
-        out = self.head(local, ctx, mask)  # (m, max_len * per, d_v)
+        context_rows = stack_context([state.context[r] for r in rows], self.config.vision_feature_size, hidden)
+        out = self.head(local, *context_rows)  # (m, max_len * per, d_v)
         new = []
         for i, r in enumerate(rows):
             state.features[r] = state.space(out[i, : lengths[i] * per])  # what the decoder and later sketches see
@@ -520,24 +588,17 @@ class Sketchpad(LatentMethod):
         c, backbone = self.config, model.backbone
         k, width = c.num_latent_tokens, c.vision_feature_size
         if hidden.shape[0] == 0:  # run the head and merger anyway (ZeRO-3: every process runs the same modules)
-            empty = hidden.new_zeros(1, 0, width)
-            out = self.head(hidden.new_zeros(1, 1, hidden.shape[-1]), empty, empty[..., 0].bool())
+            out = self.head(hidden.new_zeros(1, 1, hidden.shape[-1]), *stack_context([[]], width, hidden))
             return backbone.project_vision_features(out[0])[:0].to(hidden.dtype)
         if hidden.shape[0] % k or len(rollouts.segment_features) != hidden.shape[0] // k:
             raise ValueError(f"sketchpad: {hidden.shape[0]} latent steps in {len(rollouts.segment_features)} "
                              f"sketches; a sketch is exactly K={k} latents (generate with latent_steps='fixed')")
-        context = [[] for _ in range(rollouts.prompt_ids.shape[0])]
-        if rollouts.pixel_values is not None:
-            with torch.no_grad():
-                feats = backbone.vision_features(rollouts.pixel_values, rollouts.image_grid_thw)
-            for row, _, f in zip(*image_rows(rollouts.prompt_ids, backbone.image_token_id), feats):
-                context[row].append(self.head_space(backbone, f))
+        context = self.image_context(backbone, rollouts.prompt_ids, rollouts.pixel_values, rollouts.image_grid_thw)
         pieces = []
         for features, row in zip(rollouts.segment_features, rollouts.latent_mask.nonzero()[::k, 0].tolist()):
             pieces.append(list(context[row]))
-            context[row].append(features.to(hidden))
-        ctx, mask = pad_context(pieces, width, hidden)
-        out = self.head(hidden.view(-1, k, hidden.shape[-1]), ctx, mask)  # (sketches, k * per, d_v)
+            context[row].append((features.to(hidden), self.head.sketch_coords))
+        out = self.head(hidden.view(-1, k, hidden.shape[-1]), *stack_context(pieces, width, hidden))
         return backbone.project_vision_features(out.flatten(0, 1)).to(hidden.dtype)  # (sketches * k, hidden)
 
     def segment_features(self, state, row):
