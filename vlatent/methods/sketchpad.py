@@ -17,8 +17,9 @@ K latent LM tokens <-> ViT vectors: one LM token is what the merger fuses from `
 per token in the order ``backbone.vision_features`` returns them. The head maps each hidden state to its token's
 ``features_per_token`` vectors (an MLP, as released: hidden -> hidden -> 4 x 1280), then refines them with blocks
 of [causal cross-attention to (global context ; local latents), causal self-attention over the local latents, MLP].
-Every context vector and every latent carries where it sits in its picture (``grid_coords``), so the head can copy
-what stands at a place in the question image to the same place of the sketch.
+Every context vector and every latent has a place in its picture (``grid_coords``), and the cross-attention prefers
+keys near the query's place, so the head can copy what stands at a place in the question image to the same place of
+the sketch.
 
 Two stages, as released (``scripts/train_stage{1,2}.sh``):
 1. Fine-tune the backbone on the interleaved data: each latent slot holds the ground-truth sketch (the helper image's
@@ -46,10 +47,11 @@ Choices the paper leaves open (or where the release is not followed):
   merger's RMSNorm); the merger still normalises on the way into the LM. The head's output has a free scale.
 - Global context = ViT features of the input images and of earlier sketches (targets in training, the head's own
   latents at inference); the release feeds the input images' merged embeddings through the head's MLP instead.
-- Positions: each context vector and each latent gets a learned map of its (row, col) centre in its own picture,
-  scaled to [0, 1] (``CoordinateEmbedding``), so a sketch's cell lines up with the same cell of a question image of
-  any size. The release numbers its packed prefix and sketch 1-D (a learned embedding and rotary over the sequence
-  index, ``model/perceiver.py:245, 273-277``), which lines up only images of one fixed size. Without positions the
+- Places: each context vector and each latent has its (row, col) centre in its own picture, scaled to [0, 1], and
+  each cross-attention head takes ``exp(locality) * squared distance`` off its logits (a 2-D ALiBi; heads start from
+  nearly place-blind to one cell of a 4 x 4 grid), so a sketch cell lines up with the same cell of a question image
+  of any size. The release numbers its packed prefix and sketch 1-D (a learned embedding and rotary over the sequence
+  index, ``model/perceiver.py:245, 273-277``), which lines up only images of one fixed size. Without places the
   context is a set: the tiny head drew one average maze for every input (decoded path IoU 0.09-0.11 against the
   example's own helper images and against another example's alike).
 - Helper images are resized to exactly ``sketch_size`` px (collator ``latent_target_size``), so every sketch is one
@@ -62,6 +64,7 @@ Choices the paper leaves open (or where the release is not followed):
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,21 +133,20 @@ def text_only(record: dict) -> dict:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with a boolean ``allowed`` mask ``(batch, q, k)``."""
+    """Multi-head attention; ``mask`` (batch, 1 or heads, q, k): True where allowed, or added to the logits."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, x, kv, allowed):
+    def forward(self, x, kv, mask):
         b, n, d = x.shape
 
         def split(t):
             return t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # (b, heads, len, d_head)
 
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(kv)), split(self.v(kv)),
-                                             attn_mask=allowed[:, None])
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(kv)), split(self.v(kv)), attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -159,24 +161,9 @@ def grid_coords(rows: int, cols: int, merge: int) -> torch.Tensor:
     return torch.stack([(row.flatten() + 0.5) / (rows * merge), (col.flatten() + 0.5) / (cols * merge)], dim=1)
 
 
-class CoordinateEmbedding(nn.Module):
-    """(..., 2) coordinates in [0, 1] -> (..., dim): sines and cosines at ``octaves`` doubling frequencies (the finest
-    tells apart vectors 2^-octaves apart), then a linear map."""
-
-    def __init__(self, dim: int, octaves: int = 6):
-        super().__init__()
-        self.octaves = octaves
-        self.proj = nn.Linear(4 * octaves, dim)
-
-    def forward(self, coords):
-        frequencies = torch.pi * 2.0 ** torch.arange(self.octaves, device=coords.device)  # float32 whatever the model's
-        angles = coords[..., None].float() * frequencies  # (..., 2, octaves)
-        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(self.proj.weight.dtype))
-
-
 class VisionHeadBlock(nn.Module):
-    """Causal cross-attention over (global context ; local latents), causal self-attention over the local latents,
-    MLP; pre-norm residuals."""
+    """Causal cross-attention over (global context ; local latents), each head preferring keys near the query's place
+    in the picture, causal self-attention over the local latents, MLP; pre-norm residuals."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -184,15 +171,20 @@ class VisionHeadBlock(nn.Module):
         self.cross = Attention(dim, heads)
         self.self_attn = Attention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        # per head, exp(locality) x the squared distance between query and key places comes off the logits: from 1
+        # (all but blind to place) to 1000 (a 4 x 4 grid's cell and nothing around it), learned from there
+        self.locality = nn.Parameter(torch.linspace(0.0, math.log(1000.0), heads))
 
-    def forward(self, x, context, context_mask):
-        n = x.shape[1]
+    def forward(self, x, context, context_mask, distance):
+        s, n = x.shape[:2]
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # (n, n)
-        allowed = torch.cat([context_mask[:, None, :].expand(-1, n, -1), causal.expand(x.shape[0], n, n)], dim=2)
+        allowed = torch.cat([context_mask[:, None, :].expand(-1, n, -1), causal.expand(s, n, n)], dim=2)
+        bias = -self.locality.exp()[:, None, None] * distance[:, None]  # (s, heads, n, g + n)
+        bias = bias.masked_fill(~allowed[:, None], float("-inf")).to(x.dtype)
         kv = self.norm_kv(torch.cat([context, x], dim=1))  # (s, g + n, d)
-        x = x + self.cross(self.norm_cross(x), kv, allowed)
+        x = x + self.cross(self.norm_cross(x), kv, bias)
         h = self.norm_self(x)
-        x = x + self.self_attn(h, h, causal.expand(x.shape[0], n, n))
+        x = x + self.self_attn(h, h, causal.expand(s, 1, n, n))
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -206,7 +198,6 @@ class VisionHead(nn.Module):
         self.in_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
                                      nn.Linear(hidden_size, per_token * feature_size))
         self.position = nn.Parameter(torch.randn(num_tokens * per_token, feature_size) * 0.02)  # within a sketch
-        self.coords = CoordinateEmbedding(feature_size)
         side = round(num_tokens**0.5)
         if side * side != num_tokens or round(per_token**0.5) ** 2 != per_token:
             raise ValueError(f"sketchpad: a sketch of {num_tokens} tokens of {per_token} ViT vectors is not a square "
@@ -219,10 +210,13 @@ class VisionHead(nn.Module):
     def forward(self, hidden, context, context_mask, context_coords):
         s, k, _ = hidden.shape
         x = self.in_proj(hidden).view(s, k * self.per_token, self.feature_size)  # (s, k * per, d_v)
-        x = x + self.position[: x.shape[1]] + self.coords(self.sketch_coords[: x.shape[1]])
-        context = context.to(x.dtype) + self.coords(context_coords)  # (s, g, d_v)
+        x = x + self.position[: x.shape[1]]
+        context = context.to(x.dtype)
+        places = self.sketch_coords[: x.shape[1]].float()  # (n, 2): where each latent sits in the sketch
+        keys = torch.cat([context_coords.float(), places.expand(s, -1, -1)], dim=1)  # (s, g + n, 2)
+        distance = ((places[None, :, None] - keys[:, None]) ** 2).sum(-1)  # (s, n, g + n)
         for block in self.blocks:
-            x = block(x, context, context_mask)
+            x = block(x, context, context_mask, distance)
         return self.out_proj(self.norm(x))
 
 
