@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from vlatent.data import load_records
 from vlatent.decoders import SketchDecoder, SketchDecoderConfig, load_decoder, load_vision_encoder
 from vlatent.methods import create_method
 from vlatent.model import LatentVLM
@@ -117,7 +118,6 @@ def test_bad_config_fails_at_build_time(tiny_base):
 
 
 def test_collated_sketch_targets_have_the_configured_grid(tiny_base, maze):
-    from vlatent.data import load_records
 
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
     records = load_records(maze)[:2]
@@ -152,8 +152,31 @@ def test_stage2_trains_only_the_vision_head(stages, tiny_base):
     assert two.method.config.stage == 2 and two.method.config.num_latent_tokens == 4
 
 
+def test_head_in_stage1_trains_the_head_and_leaves_the_backbone_to_ce(tiny_base, maze):
+    """Stage 1 with the head trained beside it: the backbone's gradient is exactly CE's (the head reads detached states
+    and features, through the merger's norm with its parameters detached), the head's is not zero, and the loss is
+    CE + vit_weight x the head's ViT-space L1. Catches any of those left attached, or the head left frozen."""
+    grads, outs = {}, {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=1, head_in_stage1=on,
+                                          head_target="merger_norm", vit_weight=0.5, **TINY)
+        outs[on] = model(model.collator()(load_records(maze)[:4]))
+        outs[on].loss.backward()
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    backbone = [n for n in grads[False] if "head" not in n]
+    assert any("ln_q" in n for n in backbone) and any("visual.blocks" in n for n in backbone)
+    for name in backbone:
+        torch.testing.assert_close(grads[True][name], grads[False][name], atol=0, rtol=0, msg=name)
+    head = [n for n in grads[True] if ".head." in n]
+    assert head and not any(".head." in n for n in grads[False])
+    assert sum(float(grads[True][n].abs().sum()) for n in head) > 0
+    assert set(outs[True].losses) == {"ce", "latent_vit"} and set(outs[False].losses) == {"ce"}
+    torch.testing.assert_close(outs[True].loss, outs[True].losses["ce"] + 0.5 * outs[True].losses["latent_vit"])
+    torch.testing.assert_close(outs[True].losses["ce"], outs[False].losses["ce"])
+
+
 def test_sketch_delimiters_leave_the_ce_when_switched_off_as_released(tiny_base, maze):
-    from vlatent.data import load_records
 
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
     c = model.method.config
@@ -172,7 +195,6 @@ def test_sketch_delimiters_leave_the_ce_when_switched_off_as_released(tiny_base,
 
 
 def test_text_only_share_turns_that_many_records_sketchless_for_a_seed(tiny_base, maze):
-    from vlatent.data import load_records
 
     records = load_records(maze)
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", text_only_share=0.5, **TINY)
@@ -196,7 +218,6 @@ def test_text_only_share_turns_that_many_records_sketchless_for_a_seed(tiny_base
 
 
 def test_head_target_merger_norm_regresses_after_the_mergers_rmsnorm(tiny_base, maze):
-    from vlatent.data import load_records
 
     torch.manual_seed(0)
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, head_target="merger_norm", **TINY)
@@ -344,7 +365,6 @@ def run_losses(model, batch):
 
 
 def test_augment_sketches_feed_rerendered_sketches_and_regress_the_true_ones(tiny_base, maze, rough_decoder):
-    from vlatent.data import load_records
     from vlatent.data.chat import encode_images
 
     torch.manual_seed(0)
@@ -382,7 +402,6 @@ def test_augment_sketches_feed_rerendered_sketches_and_regress_the_true_ones(tin
 
 
 def test_augment_sketches_off_or_in_eval_leave_the_slots_true(tiny_base, maze, rough_decoder):
-    from vlatent.data import load_records
 
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=2,
                                       augment_decoder=str(rough_decoder), **TINY)
@@ -403,7 +422,6 @@ def test_augment_sketches_off_or_in_eval_leave_the_slots_true(tiny_base, maze, r
 
 
 def test_augment_sketches_config_errors(tiny_base, maze, rough_decoder, tmp_path):
-    from vlatent.data import load_records
 
     with pytest.raises(ValueError, match="augment_sketches > 0 .* set augment_decoder"):
         LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=2, **TINY)

@@ -25,6 +25,7 @@ Two stages, as released (``scripts/train_stage{1,2}.sh``):
 1. Fine-tune the backbone on the interleaved data: each latent slot holds the ground-truth sketch (the helper image's
    ViT features through the merger, teacher forced), text CE only; the vision head is frozen (image loss weight 0).
    The LM learns to open a sketch (``<|latent_start|>`` is supervised) and to reason from it.
+   ``head_in_stage1`` (not the release's) trains the head beside it, on the states detached (ViT-space L1 only).
 2. Freeze the backbone (recipe ``freeze_*``) and train the vision head, the slots again holding the ground truth:
    ``vit_weight * L1(head, target ViT features) + embed_weight * L1(merger(head), merger(target))`` — the released
    ``loss_type l1`` (both spaces), text weight 0 (``ce_weight`` > 0 adds text CE).
@@ -98,6 +99,9 @@ class SketchpadConfig(MethodConfig):
     # sketch_size) and the ViT; the head's targets stay the true sketch; 0: off
     augment_sketches: int = 0  # release: 2
     augment_decoder: str | None = None
+    # stage 1 also trains the vision head (ViT-space L1 at vit_weight) on the backbone's states and features detached,
+    # so no gradient of it reaches the backbone and stage 2 starts from a head that draws; release: frozen in stage 1
+    head_in_stage1: bool = False
 
 
 HEAD_TARGETS = ("vit", "merger_norm")
@@ -303,7 +307,7 @@ class Sketchpad(LatentMethod):
         self.augmenter = None  # SketchAugmenter, loaded when training starts (training_data)
         self.head = VisionHead(hidden_size, c.vision_feature_size, c.features_per_token, c.num_latent_tokens,
                                c.head_layers, c.head_heads)
-        if c.stage == 1:  # stage 1 fine-tunes the backbone only (release: image loss weight 0)
+        if c.stage == 1 and not c.head_in_stage1:  # stage 1 fine-tunes the backbone only (release: image loss 0)
             self.head.requires_grad_(False)
 
     @property
@@ -420,17 +424,24 @@ class Sketchpad(LatentMethod):
             return labels
         return labels.masked_fill((labels == c.latent_start_id) | (labels == c.latent_end_id), -100)
 
-    def head_space(self, backbone, features: torch.Tensor) -> torch.Tensor:
-        """ViT features in the head's space: as they are (``head_target="vit"``) or through the merger's norm."""
+    def head_space(self, backbone, features: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """ViT features in the head's space: as they are (``head_target="vit"``) or through the merger's norm
+        (``frozen``: its parameters detached, so a loss through it leaves the backbone alone)."""
         if self.config.head_target == "vit":
             return features
         norm = backbone.vision_feature_norm
-        return norm(features.type(norm.weight.dtype))
+        features = features.type(norm.weight.dtype)
+        if not frozen:
+            return norm(features)
+        if any(getattr(p, "ds_numel", None) is not None for p in norm.parameters()):
+            raise ValueError("sketchpad: head_in_stage1 with head_target='merger_norm' reads the merger's norm with its "
+                             "parameters detached, which ZeRO-3 partitions away; use ZeRO-2 or head_target='vit'")
+        return torch.func.functional_call(norm, {n: p.detach() for n, p in norm.named_parameters()}, (features,))
 
     def loss_weights(self):
         c = self.config
         if c.stage == 1:
-            return {"ce": 1.0}
+            return {"ce": 1.0, **({"latent_vit": c.vit_weight} if c.head_in_stage1 else {})}
         return {"ce": c.ce_weight, "latent_vit": c.vit_weight, "latent_embed": c.embed_weight}
 
     @staticmethod
@@ -482,23 +493,30 @@ class Sketchpad(LatentMethod):
                 embeds = embeds + 0.0 * fed.sum().to(embeds.dtype)
         hidden = model.run_language_model(embeds, batch).last_hidden_state  # (batch, seq, hidden)
         losses = {"ce": model.lm_loss(hidden, self.text_labels(batch["labels"]))}
-        if c.stage == 1:
+        if c.stage == 1 and not c.head_in_stage1:
             return losses
+        beside = c.stage == 1  # the head learns beside stage 1: nothing of its loss may reach the backbone
         images, images_real = self.vit_features(model, batch.get("pixel_values"), batch.get("image_grid_thw"))
-        if not real:  # no sketch in this batch: run the head (and merger) anyway, at weight 0
+        if not real:  # no sketch in this batch: run the head (and in stage 2 the merger) anyway, at weight 0
             predicted = self.head(hidden.new_zeros(1, c.num_latent_tokens, hidden.shape[-1]),
                                   *stack_context([[]], c.vision_feature_size, hidden))
+            if beside:
+                return {**losses, "latent_vit": predicted.sum() * 0.0}
             zero = (predicted.sum() + backbone.project_vision_features(predicted.flatten(0, 1)).sum()) * 0.0
             return {**losses, "latent_vit": zero, "latent_embed": zero}
         k = c.num_latent_tokens
-        space = [self.head_space(backbone, f) for f in targets]  # the head's targets and context in its own space
-        images = [(self.head_space(backbone, f), self.image_coords(backbone, g, f))
+        # the head's targets and context in its own space
+        space = [self.head_space(backbone, f, frozen=beside) for f in targets]
+        images = [(self.head_space(backbone, f, frozen=beside), self.image_coords(backbone, g, f))
                   for f, g in zip(images, batch["image_grid_thw"])] if images_real else []
         context = self.global_context(batch, b, t, space, images, backbone.image_token_id)
-        predicted = self.head(hidden[b, t - 1].view(-1, k, hidden.shape[-1]), *context)  # (s, k * per, d_v)
-        embedded = backbone.project_vision_features(predicted.flatten(0, 1))  # (s * k, hidden)
-        losses["latent_vit"] = F.l1_loss(self.head_space(backbone, predicted).float(), torch.stack(space).float())
-        losses["latent_embed"] = F.l1_loss(embedded.float(), target_embeds.float())
+        states = hidden.detach() if beside else hidden
+        predicted = self.head(states[b, t - 1].view(-1, k, hidden.shape[-1]), *context)  # (s, k * per, d_v)
+        losses["latent_vit"] = F.l1_loss(self.head_space(backbone, predicted, frozen=beside).float(),
+                                         torch.stack(space).float())
+        if not beside:
+            embedded = backbone.project_vision_features(predicted.flatten(0, 1))  # (s * k, hidden)
+            losses["latent_embed"] = F.l1_loss(embedded.float(), target_embeds.float())
         return losses
 
     def global_context(self, batch, b, t, targets, images, image_token_id):
