@@ -55,7 +55,7 @@ BUDGETS = {
 }
 FRESH_SEED = 20261205  # the unseen-seed test set per task (a tenth of the budget's n): a seed nothing else uses
 INTERVENTIONS = ("zero", "swap", "noise")
-STAGE_KEYS = ("method", "method_config", "share", "from", "teacher", "learning_rate")  # the rest: its SFT recipe
+STAGE_KEYS = ("method", "method_config", "share", "from", "teacher")  # the rest of a stage goes to its SFT recipe
 NOTES_MARK = "<!-- notes: written by hand below this line, kept when the report is rewritten -->"
 TASK_COST = {"maze": 2}  # relative job time (a 4x4 maze record traces ~4 latent steps), for scheduling
 # imported once by the server every job's process is forked from (~7 s a job otherwise)
@@ -148,8 +148,7 @@ def run_job(job: dict) -> dict:
                   # pass would encode every record once more per stage (~15% of a job)
                   "data": {"train": str(train)},
                   "training": {"output_dir": str(out / f"stage{i}"), "per_device_train_batch_size": budget["batch"],
-                               "learning_rate": stage.get("learning_rate", job["lr"]), "max_steps": steps,
-                               "warmup_steps": max(1, steps // 20),
+                               "learning_rate": job["lr"], "max_steps": steps, "warmup_steps": max(1, steps // 20),
                                "lr_scheduler_type": "cosine", "logging_steps": max(1, steps // 20),
                                "seed": job["seed"], "data_seed": job["seed"], "disable_tqdm": True}}
         recipe.update({k: v for k, v in stage.items() if k not in STAGE_KEYS})  # freezing switches, lora
