@@ -61,7 +61,7 @@ MUTANTS = [
            "allowed[b, s + 1:pads, a:e + 1] = True", "allowed[b, s:pads, a:e + 1] = True",
            ["tests/test_monet.py::test_stage2_mask_rules"]),
     Mutant("mirage_alignment_reads_the_slot", "vlatent/methods/mirage.py",
-           "predicted = hidden[b, t - 1]", "predicted = hidden[b, t]",
+           "self._alignment(hidden[b, t - 1], targets)", "self._alignment(hidden[b, t], targets)",
            ["tests/test_model.py::test_mirage_stage1_teacher_forces_pooled_targets"]),
     Mutant("mirage_pooling_chunks", "vlatent/methods/mirage.py",
            "torch.tensor_split(features, k)", "torch.chunk(features, k)",
@@ -94,7 +94,7 @@ MUTANTS = [
            ["tests/test_objectives.py::"
             "test_sketchpad_generated_sketch_is_the_head_on_its_own_teacher_forced_sequence"]),
     Mutant("cocova_contrastive_one_view", "vlatent/methods/cocova.py",
-           "return (to_visual + to_text) / 2", "return to_visual",
+           "for v in (visual, text)) / 2", "for v in (visual,)) / 2",
            ["tests/test_objectives.py::test_cocova_contrastive_is_symmetric_infonce_on_centred_pooled_views"]),
     Mutant("cocova_text_span_off_by_one", "vlatent/methods/cocova.py",
            'batch["input_ids"][row, pad + 1:stop]', 'batch["input_ids"][row, pad + 2:stop]',
