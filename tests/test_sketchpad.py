@@ -99,6 +99,17 @@ def test_vision_head_reads_its_context_by_place():
         assert F.mse_loss(head(hidden, pictures[:, order], mask, places), pictures) > 0.5
 
 
+def test_a_checkpoint_whose_head_lacks_weights_is_refused_by_name(tiny_base, tmp_path):
+    """A head saved without its places' weights (an older vlatent's) fails with the file named, not a bare torch error."""
+    from safetensors.torch import load_file, save_file
+
+    path = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY).save_pretrained(tmp_path / "ckpt")
+    weights = load_file(str(path / "method.safetensors"))
+    save_file({k: v for k, v in weights.items() if "locality" not in k}, str(path / "method.safetensors"))
+    with pytest.raises(ValueError, match=r"(?s)method\.safetensors.*does not fit method 'sketchpad'.*locality"):
+        LatentVLM.from_pretrained(path)
+
+
 def test_bad_config_fails_at_build_time(tiny_base):
     def fails(match, **cfg):
         with pytest.raises(ValueError, match=match):

@@ -99,7 +99,11 @@ class LatentVLM(nn.Module):
             latent.load_files(Path(source))
         latent.resolve_token_ids(processor.tokenizer)
         if saved and Path(source, METHOD_WEIGHTS).is_file():
-            latent.load_state_dict(load_file(str(Path(source, METHOD_WEIGHTS))))
+            try:
+                latent.load_state_dict(load_file(str(Path(source, METHOD_WEIGHTS))))
+            except RuntimeError as e:  # missing / unexpected / misshapen keys
+                raise ValueError(f"{str(Path(source, METHOD_WEIGHTS))!r} does not fit method {method!r} as this vlatent "
+                                 f"builds it (written by another version?): {e}") from e
         latent.to(device=hf_model.device, dtype=hf_model.dtype)
         return cls(backbone, latent, processor)
 
