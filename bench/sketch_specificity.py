@@ -72,7 +72,8 @@ def main() -> int:
 
     print(json.dumps({"sketches": len(where), "l1_own": l1(drawn, true), "l1_other": l1(drawn, true[other]),
                       "l1_mean_sketch": l1(mean.expand_as(true), true), "l1_true_other": l1(true, true[other]),
-                      "centred_cos_own": centred_cos(drawn, true), "centred_cos_other": centred_cos(drawn, true[other])}))
+                      "centred_cos_own": centred_cos(drawn, true),
+                      "centred_cos_other": centred_cos(drawn, true[other])}))
     return 0
 
 

@@ -336,7 +336,8 @@ def test_cached_sketches_equal_a_teacher_forced_forward(sketch_model, family, mo
         embeds = model.embed_inputs(batch).index_put((b, t), latents)
         hidden = model.run_language_model(embeds, batch).last_hidden_state  # (2, seq, hidden)
         images_vit = model.backbone.vision_features(batch["pixel_values"], batch["image_grid_thw"])
-        images_vit = [(f, method.image_coords(model.backbone, g, f)) for f, g in zip(images_vit, batch["image_grid_thw"])]
+        images_vit = [(f, method.image_coords(model.backbone, g, f))
+                      for f, g in zip(images_vit, batch["image_grid_thw"])]
         context = method.global_context(batch, b, t, features, images_vit, model.backbone.image_token_id)
         predicted = method.head(hidden[b, t - 1].view(-1, k, hidden.shape[-1]), *context)  # (4, K * per, d_v)
         forced = model.backbone.project_vision_features(predicted.flatten(0, 1))  # (4 K, hidden)

@@ -100,7 +100,8 @@ def test_vision_head_reads_its_context_by_place():
 
 
 def test_a_checkpoint_whose_head_lacks_weights_is_refused_by_name(tiny_base, tmp_path):
-    """A head saved without its places' weights (an older vlatent's) fails with the file named, not a bare torch error."""
+    """A head saved without its places' weights (an older vlatent's) fails with the file named, not a bare torch
+    error."""
     from safetensors.torch import load_file, save_file
 
     path = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY).save_pretrained(tmp_path / "ckpt")

@@ -102,8 +102,8 @@ class LatentVLM(nn.Module):
             try:
                 latent.load_state_dict(load_file(str(Path(source, METHOD_WEIGHTS))))
             except RuntimeError as e:  # missing / unexpected / misshapen keys
-                raise ValueError(f"{str(Path(source, METHOD_WEIGHTS))!r} does not fit method {method!r} as this vlatent "
-                                 f"builds it (written by another version?): {e}") from e
+                raise ValueError(f"{str(Path(source, METHOD_WEIGHTS))!r} does not fit method {method!r} as this "
+                                 f"vlatent builds it (written by another version?): {e}") from e
         latent.to(device=hf_model.device, dtype=hf_model.dtype)
         return cls(backbone, latent, processor)
 

@@ -434,8 +434,8 @@ class Sketchpad(LatentMethod):
         if not frozen:
             return norm(features)
         if any(getattr(p, "ds_numel", None) is not None for p in norm.parameters()):
-            raise ValueError("sketchpad: head_in_stage1 with head_target='merger_norm' reads the merger's norm with its "
-                             "parameters detached, which ZeRO-3 partitions away; use ZeRO-2 or head_target='vit'")
+            raise ValueError("sketchpad: head_in_stage1 with head_target='merger_norm' reads the merger's norm with "
+                             "its parameters detached, which ZeRO-3 partitions away; use ZeRO-2 or head_target='vit'")
         return torch.func.functional_call(norm, {n: p.detach() for n, p in norm.named_parameters()}, (features,))
 
     def loss_weights(self):
