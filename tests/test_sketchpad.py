@@ -130,7 +130,6 @@ def test_bad_config_fails_at_build_time(tiny_base):
 
 
 def test_collated_sketch_targets_have_the_configured_grid(tiny_base, maze):
-
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
     records = load_records(maze)[:2]
     batch = model.collator()(records)
@@ -189,7 +188,6 @@ def test_head_in_stage1_trains_the_head_and_leaves_the_backbone_to_ce(tiny_base,
 
 
 def test_sketch_delimiters_leave_the_ce_when_switched_off_as_released(tiny_base, maze):
-
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
     c = model.method.config
     batch = model.collator()(load_records(maze)[:2])
@@ -207,7 +205,6 @@ def test_sketch_delimiters_leave_the_ce_when_switched_off_as_released(tiny_base,
 
 
 def test_text_only_share_turns_that_many_records_sketchless_for_a_seed(tiny_base, maze):
-
     records = load_records(maze)
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", text_only_share=0.5, **TINY)
     views, sampler = model.method.training_data(records, seed=3)
@@ -230,7 +227,6 @@ def test_text_only_share_turns_that_many_records_sketchless_for_a_seed(tiny_base
 
 
 def test_head_target_merger_norm_regresses_after_the_mergers_rmsnorm(tiny_base, maze):
-
     torch.manual_seed(0)
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, head_target="merger_norm", **TINY)
     batch = model.collator()(load_records(maze)[:2])
@@ -414,7 +410,6 @@ def test_augment_sketches_feed_rerendered_sketches_and_regress_the_true_ones(tin
 
 
 def test_augment_sketches_off_or_in_eval_leave_the_slots_true(tiny_base, maze, rough_decoder):
-
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=2,
                                       augment_decoder=str(rough_decoder), **TINY)
     records = load_records(maze)[:2]
@@ -434,7 +429,6 @@ def test_augment_sketches_off_or_in_eval_leave_the_slots_true(tiny_base, maze, r
 
 
 def test_augment_sketches_config_errors(tiny_base, maze, rough_decoder, tmp_path):
-
     with pytest.raises(ValueError, match="augment_sketches > 0 .* set augment_decoder"):
         LatentVLM.from_pretrained(tiny_base, method="sketchpad", augment_sketches=2, **TINY)
     with pytest.raises(ValueError, match="augment_sketches must be an integer >= 0, got -1"):
