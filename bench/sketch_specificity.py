@@ -45,11 +45,7 @@ def main() -> int:
                 (b, t), backbone.project_vision_features(torch.cat(targets)).to(model.dtype))
             hidden = model.run_language_model(embeds, batch).last_hidden_state
             images, _ = method.vit_features(model, batch["pixel_values"], batch["image_grid_thw"])
-            images = [(method.head_space(backbone, f), method.image_coords(backbone, g, f))
-                      for f, g in zip(images, batch["image_grid_thw"])]
-            space = [method.head_space(backbone, f) for f in targets]
-            context = method.global_context(batch, b, t, space, images, backbone.image_token_id)
-            out = method.head(hidden[b, t - 1].view(-1, k, hidden.shape[-1]), *context)
+            out, space = method.head_sketches(model, batch, hidden, targets, images)
             drawn += list(method.head_space(backbone, out))
             true += space
             steps: dict[int, int] = {}

@@ -504,20 +504,26 @@ class Sketchpad(LatentMethod):
                 return {**losses, "latent_vit": predicted.sum() * 0.0}
             zero = (predicted.sum() + backbone.project_vision_features(predicted.flatten(0, 1)).sum()) * 0.0
             return {**losses, "latent_vit": zero, "latent_embed": zero}
-        k = c.num_latent_tokens
-        # the head's targets and context in its own space
-        space = [self.head_space(backbone, f, frozen=beside) for f in targets]
-        images = [(self.head_space(backbone, f, frozen=beside), self.image_coords(backbone, g, f))
-                  for f, g in zip(images, batch["image_grid_thw"])] if images_real else []
-        context = self.global_context(batch, b, t, space, images, backbone.image_token_id)
         states = hidden.detach() if beside else hidden
-        predicted = self.head(states[b, t - 1].view(-1, k, hidden.shape[-1]), *context)  # (s, k * per, d_v)
+        predicted, space = self.head_sketches(model, batch, states, targets, images if images_real else [], beside)
         losses["latent_vit"] = F.l1_loss(self.head_space(backbone, predicted, frozen=beside).float(),
                                          torch.stack(space).float())
         if not beside:
             embedded = backbone.project_vision_features(predicted.flatten(0, 1))  # (s * k, hidden)
             losses["latent_embed"] = F.l1_loss(embedded.float(), target_embeds.float())
         return losses
+
+    def head_sketches(self, model, batch, states, targets, images, frozen: bool = False):
+        """The head's sketch for every latent segment of a teacher-forced batch: ``states`` the LM's last hidden
+        states, ``targets`` / ``images`` the helper images' / inline images' ViT features -> (the sketches
+        ``(s, K * per, d_v)``, the targets in the head's space); ``frozen`` as in ``head_space``."""
+        backbone, k = model.backbone, self.config.num_latent_tokens
+        b, t = model.latent_slots(batch)
+        space = [self.head_space(backbone, f, frozen=frozen) for f in targets]
+        images = [(self.head_space(backbone, f, frozen=frozen), self.image_coords(backbone, g, f))
+                  for f, g in zip(images, batch["image_grid_thw"])] if images else []
+        context = self.global_context(batch, b, t, space, images, backbone.image_token_id)
+        return self.head(states[b, t - 1].view(-1, k, states.shape[-1]), *context), space
 
     def global_context(self, batch, b, t, targets, images, image_token_id):
         """Each sketch's global context: its row's earlier inline images (``images``: (features, places) pairs in
