@@ -444,18 +444,25 @@ def test_alignment_is_one_minus_cosine_over_the_hidden_axis():
     torch.testing.assert_close(alignment_loss(s, t), torch.tensor((1.0 + 0.0 + 2.0) / 3))
 
 
-def test_stage3_pairs_the_i_th_student_slot_with_the_i_th_teacher_slot(stage3, records):
+@pytest.mark.parametrize("centre", [False, True])
+def test_stage3_pairs_the_i_th_student_slot_with_the_i_th_teacher_slot(stage3, records, centre):
     """Stage-3 alignment recomputed here: the student's latent-slot states (no images, recurrent latents) against
-    the stage-2 teacher's at its own slots (images inline, stage-2 mask), slot i with slot i, all L + 1 states.
-    Catches a shifted slot (the state before the slot), a reversed or unsorted pairing, or a teacher run without
-    its mask."""
+    the stage-2 teacher's at its own slots (images inline, stage-2 mask), slot i with slot i, all L + 1 states;
+    ``centre_alignment``: both minus, per layer, the mean teacher state over the slots that are the j-th of their
+    segment. Catches a shifted slot (the state before the slot), a reversed or unsorted pairing, a teacher run
+    without its mask, a mean over the wrong axis or over every slot."""
     model, m = stage3, stage3.method
     teacher = m._teacher[0]
     batch = model.collator()(records)
     tb = batch["teacher"]
     pad = m.config.latent_pad_id
+    m.config.centre_alignment = centre
+    try:
+        with torch.no_grad():
+            got = model(batch).losses["alignment"]
+    finally:
+        m.config.centre_alignment = False
     with torch.no_grad():
-        got = model(batch).losses["alignment"]
         filled, _, _ = model.fill_latents(model.embed_inputs(batch), batch, model.position_ids(batch),
                                           batch["attention_mask"])
         hs = model.backbone(filled, model.position_ids(batch), batch["attention_mask"], output_hidden_states=True)
@@ -468,9 +475,19 @@ def test_stage3_pairs_the_i_th_student_slot_with_the_i_th_teacher_slot(stage3, r
     t_slots = [(r, p) for r in range(tb["input_ids"].shape[0]) for p in range(tb["input_ids"].shape[1])
                if tb["input_ids"][r, p] == pad]
     assert len(s_slots) == len(t_slots) == K * 5  # records a, b (two segments), c, d
-    terms = [1 - torch.cosine_similarity(hs.hidden_states[l][rs, ps].float(), ths.hidden_states[l][rt, pt].float(),
-                                         dim=0)
-             for l in range(len(hs.hidden_states)) for (rs, ps), (rt, pt) in zip(s_slots, t_slots)]
+    ids = tb["input_ids"]
+    # each teacher slot's place in its segment: pads since the segment's start token
+    place = [p - max(q for q in range(p) if ids[r, q] == m.config.latent_start_id) - 1 for r, p in t_slots]
+    assert sorted(set(place)) == list(range(K))
+    terms = []
+    for l in range(len(hs.hidden_states)):
+        student = [hs.hidden_states[l][r, p].float() for r, p in s_slots]
+        target = [ths.hidden_states[l][r, p].float() for r, p in t_slots]
+        if centre:
+            means = [torch.stack([x for x, j in zip(target, place) if j == i]).mean(0) for i in range(K)]
+            student = [x - means[j] for x, j in zip(student, place)]
+            target = [x - means[j] for x, j in zip(target, place)]
+        terms += [1 - torch.cosine_similarity(a, b, dim=0) for a, b in zip(student, target)]
     torch.testing.assert_close(got, torch.stack(terms).mean(), atol=1e-5, rtol=1e-4)
 
 

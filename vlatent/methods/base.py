@@ -207,6 +207,14 @@ class LatentMethod(nn.Module):
 _METHODS: dict[str, type[LatentMethod]] = {}
 
 
+def slot_means(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """``(..., n, hidden)`` targets, K per segment in order along ``n`` -> each one's batch mean over the targets at its
+    slot index (the j-th of K in every segment), detached: what ``centre_targets`` options subtract."""
+    index = torch.arange(targets.shape[-2], device=targets.device) % k
+    means = torch.stack([targets[..., index == j, :].mean(-2) for j in range(k)], dim=-2)  # (..., k, hidden)
+    return means[..., index, :].detach()
+
+
 def register_method(cls: type[LatentMethod]) -> type[LatentMethod]:
     """Class decorator: make a method available to ``create_method(cls.name, ...)``."""
     if not cls.name:

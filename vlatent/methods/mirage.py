@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LatentMethod, MethodConfig, register_method
+from .base import LatentMethod, MethodConfig, register_method, slot_means
 
 
 @dataclass
@@ -56,13 +56,6 @@ def pool_to_k(features: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"a helper image gives {features.shape[0]} vision tokens, fewer than K={k} latent tokens; "
                          "use a larger image or min_pixels")
     return torch.stack([chunk.mean(0) for chunk in torch.tensor_split(features, k)])
-
-
-def slot_means(targets: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, hidden) targets, K per segment in order -> each one's batch mean over the targets at its slot index."""
-    index = torch.arange(targets.shape[0], device=targets.device) % k
-    means = torch.stack([targets[index == j].mean(0) for j in range(k)])  # (k, hidden)
-    return means[index].detach()
 
 
 @register_method

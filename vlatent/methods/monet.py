@@ -53,6 +53,11 @@ Choices the paper leaves open (or where the released code is not followed):
 - Defaults: K = 8, observation_ce_weight = 2.0 (released stage 1; the released stage-2/3 scripts use 4.0, see the
   recipes), alignment_weight = 2.0 (released; its stage 2 also multiplies the latent-only term by 2.0, so the stage-2
   recipe uses 4.0). Stage 1 sequences hold no latent tokens; the model learns to open a latent segment in stages 2-3.
+- ``centre_alignment`` (off by default, not in the paper): stage 3 subtracts, per layer, the batch's mean teacher
+  state at each slot index (the j-th of K in every segment) from student and teacher before the cosine. The stage-2
+  teacher's latent states of different examples share one dominant direction, so matching it alone all but zeroes
+  ``1 - cos`` and the student's latents end up alike for every example (tiny base, maze: cosine 0.993 between
+  examples); centred, only what sets an example's teacher states apart scores (as Mirage's ``centre_targets``).
 - ZeRO-3: the number of recurrent passes is agreed across ranks (``max_over_ranks``), every pass stays in the graph
   (also where a rank has no slot left to fill, so its backward runs too) and the twin pass always runs.
 """
@@ -65,7 +70,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LatentMethod, MethodConfig, register_method
+from .base import LatentMethod, MethodConfig, register_method, slot_means
 
 STAGE_LATENT_MODES = {1: "image", 2: "image+latent", 3: "latent"}
 TEACHER_LATENT_MODES = {1: None, 2: "image", 3: "image+latent"}
@@ -92,6 +97,7 @@ class MonetConfig(MethodConfig):
     # LATENT_SIZE = 10 latents (NOVAglow646/Monet@0893999 inference/vllm/monet_gpu_model_runner.py:1657,
     # inference/example.sh). The default stays "fixed": see docs/fidelity.md (inference).
     max_latent_steps: int | None = 10
+    centre_alignment: bool = False  # stage 3: see the module docstring; not in the paper
 
 
 def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -314,6 +320,9 @@ class Monet(LatentMethod):
         _, out, (b, t) = model.fill_latents(embeds, batch, positions, batch["attention_mask"], output_hidden_states=True)
         student = torch.stack([h[b, t] for h in out.hidden_states])  # (layers, n_slots, hidden)
         self._check_count(batch, "latent slots", student.shape[1], teacher_states.shape[1])
+        if self.config.centre_alignment:
+            mean = slot_means(teacher_states, self.config.num_latent_tokens)  # (layers, n_slots, hidden)
+            student, teacher_states = student - mean, teacher_states - mean
         return {"ce": self.observation_ce(model, out.last_hidden_state, batch),
                 "alignment": alignment_loss(student, teacher_states)}
 
