@@ -266,7 +266,10 @@ def run_sketches(job: dict) -> dict:
         whole = [seg for seg in gen.latent_segments if len(seg.features) == decoder.config.num_features]
         drawn.append(decoder.render(whole) if whole else [])
     colour = decoder_metrics["args"].get("path_color")
-    scores = score_drawn(drawn, truth, tuple(map(int, colour.split(","))) if colour else None, size)
+    colour = tuple(map(int, colour.split(","))) if colour else None
+    scores = score_drawn(drawn, truth, colour, size)
+    forced = score_drawn(teacher_forced_pictures(model, decoder, [records[ex.id] for ex in examples]), truth,
+                         colour, size)
     label_h = 14
     sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples[:n]) * (size + 4)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -283,8 +286,21 @@ def run_sketches(job: dict) -> dict:
     recon = Path(job["figure_out"]).with_name(Path(job["figure_out"]).stem + "_reconstructions.png")
     recon.write_bytes((decoder_dir / "reconstructions.png").read_bytes())
     return {"kind": "sketches", "name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"],
-            "metrics": decoder_metrics, "drawn": scores, "sketches": job["figure_out"],
+            "metrics": decoder_metrics, "drawn": scores, "teacher_forced": forced, "sketches": job["figure_out"],
             "reconstructions": str(recon), "segments": [len(g.latent_segments) for g in gens[:n]]}
+
+
+def teacher_forced_pictures(model, decoder, records: list[dict]) -> list[list]:
+    """Per record, the pictures of what a Sketchpad head draws at each latent step given the true earlier steps
+    (``Sketchpad.teacher_forced_sketches``), decoded."""
+    k, pictures = model.method.config.num_latent_tokens, [[] for _ in records]
+    for first in range(0, len(records), 16):
+        batch = model.collator()(records[first:first + 16])
+        drawn, _ = model.method.teacher_forced_sketches(model, batch)
+        rows = model.latent_slots(batch)[0].view(-1, k)[:, 0].tolist()  # each segment's row, in order
+        for row, picture in zip(rows, decoder.decode(drawn)):
+            pictures[first + row].append(picture)
+    return pictures
 
 
 def helper_images(record: dict) -> list[str]:
@@ -314,15 +330,18 @@ def score_drawn(drawn: list[list], truth: list[list[str]], colour: tuple[int, in
     return {"examples": len(drawn), "own": versus(0), "other": versus(1) if len(drawn) > 1 else None}
 
 
-def drawn_line(drawn: dict | None) -> list[str]:
-    """The report's sentence on the model's own decoded sketches (``score_drawn``)."""
+def drawn_line(drawn: dict | None, forced: bool = False) -> list[str]:
+    """The report's sentence on the model's own decoded sketches (``score_drawn``); ``forced``: on those its head
+    draws given the true earlier steps (``teacher_forced_pictures``)."""
     if not drawn:
         return []
     own, other = drawn["own"], drawn["other"]
     if own is None:
         return [f"The model drew no whole sketch on the {drawn['examples']} scored test examples."]
     key = "path_iou" if "path_iou" in own else "foreground_iou"
-    line = (f"The model's own sketches ({own['sketches']} from {drawn['examples']} test examples, decoded) against "
+    what = ("Given the true earlier steps (the true sketches in the latent slots and in the head's context), its "
+            "head's sketches" if forced else "The model's own sketches")
+    line = (f"{what} ({own['sketches']} from {drawn['examples']} test examples, decoded) against "
             f"the true helper image of the same step: {key} {own[key]:g}, psnr {own['psnr']:g}")
     if other:
         line += (f"; against the next test example's helper image at that step: {key} {other[key]:g}, psnr "
@@ -572,6 +591,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                   + " (VAE round trip, the bound: " + ", ".join(f"{k} {v:g}" for k, v in m["vae_round_trip"].items())
                   + ").",
                   *drawn_line(sketches.get("drawn")),
+                  *drawn_line(sketches.get("teacher_forced"), forced=True),
                   "Test examples: the input, then per latent step the true helper image and the sketch the model drew "
                   f"(latent segments generated per example: {sketches['segments']}).", "",
                   f"![sketches]({Path(sketches['sketches']).name})", "",

@@ -4,6 +4,9 @@ collated as in training, the true sketches teacher-forced in their slots: the he
 helper image, in the head's space (L1 per feature, and cosine after the mean sketch is taken off both).
 
     python bench/sketch_specificity.py --model runs/l/runs/sketchpad/maze/seed0/lr0.001/stage1 --data runs/l/data/maze
+
+``--decoder DIR`` (a sketch decoder for the model's ViT, e.g. the bench's ``sketches/decoder``) also decodes the head's
+sketches and scores them as the bench scores generated ones (path IoU against the own / next example's helper image).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ def main() -> int:
     ap.add_argument("--model", required=True, help="a Sketchpad checkpoint (either stage)")
     ap.add_argument("--data", required=True, help="a data_builders folder with test.jsonl")
     ap.add_argument("--n", type=int, default=64, help="test records to use (default 64)")
+    ap.add_argument("--decoder", help="a sketch decoder for this model's ViT (the bench's sketches/decoder): also "
+                    "decode the head's sketches and score them against the true helper images (path IoU)")
     args = ap.parse_args()
 
     model = LatentVLM.from_pretrained(args.model).eval()
-    method, backbone = model.method, model.backbone
+    method = model.method
     if method.name != "sketchpad":
         raise SystemExit(f"error: {args.model} is a {method.name!r} model; this reads a Sketchpad vision head")
     k = method.config.num_latent_tokens
@@ -39,15 +44,10 @@ def main() -> int:
     with torch.no_grad():
         for first in range(0, len(records), 16):
             batch = model.collator()(records[first:first + 16])
-            b, t = model.latent_slots(batch)
-            targets, _ = method.sketch_targets(model, batch)
-            embeds = model.embed_inputs(batch).index_put(
-                (b, t), backbone.project_vision_features(torch.cat(targets)).to(model.dtype))
-            hidden = model.run_language_model(embeds, batch).last_hidden_state
-            images, _ = method.vit_features(model, batch["pixel_values"], batch["image_grid_thw"])
-            out, space = method.head_sketches(model, batch, hidden, targets, images)
-            drawn += list(method.head_space(backbone, out))
-            true += space
+            b, _ = model.latent_slots(batch)
+            mine, theirs = method.teacher_forced_sketches(model, batch)
+            drawn += list(mine)
+            true += list(theirs)
             steps: dict[int, int] = {}
             for row in b.view(-1, k)[:, 0].tolist():
                 steps[row] = steps.get(row, -1) + 1
@@ -66,10 +66,20 @@ def main() -> int:
     def centred_cos(a, b):
         return round(F.cosine_similarity((a - mean).flatten(1), (b - mean).flatten(1)).mean().item(), 4)
 
-    print(json.dumps({"sketches": len(where), "l1_own": l1(drawn, true), "l1_other": l1(drawn, true[other]),
-                      "l1_mean_sketch": l1(mean.expand_as(true), true), "l1_true_other": l1(true, true[other]),
-                      "centred_cos_own": centred_cos(drawn, true),
-                      "centred_cos_other": centred_cos(drawn, true[other])}))
+    result = {"sketches": len(where), "l1_own": l1(drawn, true), "l1_other": l1(drawn, true[other]),
+              "l1_mean_sketch": l1(mean.expand_as(true), true), "l1_true_other": l1(true, true[other]),
+              "centred_cos_own": centred_cos(drawn, true), "centred_cos_other": centred_cos(drawn, true[other])}
+    if args.decoder:  # the teacher-forced sketches decoded, scored as the bench scores generated ones
+        from learning import helper_images, score_drawn, teacher_forced_pictures
+        from vlatent.decoders import load_decoder
+
+        decoder = load_decoder(args.decoder)
+        colour = json.loads((Path(args.decoder) / "metrics.json").read_text())["args"].get("path_color")
+        result["decoded"] = score_drawn(teacher_forced_pictures(model, decoder, records),
+                                        [helper_images(r) for r in records],
+                                        tuple(map(int, colour.split(","))) if colour else None,
+                                        decoder.config.image_size)
+    print(json.dumps(result))
     return 0
 
 

@@ -246,10 +246,51 @@ def test_head_target_merger_norm_regresses_after_the_mergers_rmsnorm(tiny_base, 
     targets = model.backbone.vision_features(batch["latent_target_pixel_values"], batch["latent_target_grid_thw"])
     expected = F.l1_loss(by_hand(seen[0]), by_hand(torch.stack(targets)))
     torch.testing.assert_close(losses["latent_vit"].float(), expected.float())
+    # what the bench decodes and scores as the head's drawing given the true earlier steps: the same sketches
+    drawn, true = model.method.teacher_forced_sketches(model, batch)
+    torch.testing.assert_close(drawn.float(), by_hand(seen[0]).float())
+    torch.testing.assert_close(true.float(), by_hand(torch.stack(targets)).float())
     vit = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, **TINY)  # ours: the raw ViT features
     assert torch.equal(vit.method.head_space(vit.backbone, targets[0]), targets[0])
     with pytest.raises(ValueError, match="head_target must be one of vit, merger_norm"):
         LatentVLM.from_pretrained(tiny_base, method="sketchpad", head_target="ln_q", **TINY)
+
+def test_changed_weight_counts_the_cells_a_step_adds_more(tiny_base, maze):
+    """``changed_weight``: by hand, a row's second sketch weights each vector 1 + w x its L1 change from the row's
+    first over the batch's mean change; a row's first sketch (and a new row's) weights 1. Then through the training
+    loss on maze records with several sketches per row (rows read off the records). Catches a previous sketch taken
+    across rows, an unnormalised weight, or the weight left out of the loss."""
+    torch.manual_seed(0)
+    model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, changed_weight=3.0, **TINY)
+    true = torch.tensor([[[0.0], [0.0]], [[0.0], [2.0]], [[3.0], [3.0]]])  # (s=3, n=2, d=1); rows 0, 0, 1
+    drawn = torch.zeros_like(true)
+    # errors 0 0 | 0 2 | 3 3; changes (row 0's second sketch only) 0, 2, mean 1: weights 1 1 | 1 7 | 1 1
+    got = model.method.sketch_l1(drawn, true, torch.tensor([0, 0, 1]))
+    assert got.item() == pytest.approx((2 * 7 + 3 + 3) / 12)
+    assert model.method.sketch_l1(drawn, true, torch.tensor([0, 1, 2])).item() == pytest.approx(8 / 6)  # 1 per row
+
+    records = load_records(maze)[:4]
+    per_row = [sum(item["type"] == "latent" for item in r["messages"][-1]["content"]) for r in records]
+    assert max(per_row) >= 2
+    batch = model.collator()(records)
+    seen = []
+    handle = model.method.head.register_forward_hook(lambda mod, i, out: seen.append(out))
+    with torch.no_grad():
+        losses = model.method.training_losses(model, batch)
+    handle.remove()
+    targets = torch.stack(model.backbone.vision_features(batch["latent_target_pixel_values"],
+                                                         batch["latent_target_grid_thw"]))  # (s, n, d)
+    error = (seen[0] - targets).abs().mean(-1)  # (s, n)
+    changes, first = [], 0
+    for count in per_row:  # each row's sketches in order: the first weighs 1, the others by their change
+        changes += [torch.zeros(targets.shape[1])]
+        changes += [(targets[first + j] - targets[first + j - 1]).abs().mean(-1) for j in range(1, count)]
+        first += count
+    change = torch.stack(changes)
+    mean = torch.cat([changes[i] for i in range(len(changes)) if change[i].any()]).mean()
+    weight = 1 + 3.0 * change / mean
+    torch.testing.assert_close(losses["latent_vit"], (error * weight).sum() / weight.sum())
+
 
 def test_merger_norm_head_hands_decoder_normed_sketches_and_the_encoder_matches(tiny_base):
     from vlatent.decoders.sketch import BackboneVisionEncoder

@@ -102,6 +102,10 @@ class SketchpadConfig(MethodConfig):
     # stage 1 also trains the vision head (ViT-space L1 at vit_weight) on the backbone's states and features detached,
     # so no gradient of it reaches the backbone and stage 2 starts from a head that draws; release: frozen in stage 1
     head_in_stage1: bool = False
+    # > 0 (not the release's): in the head's L1 each vector of a row's later sketch counts 1 + changed_weight x its
+    # change from the same place of the row's previous sketch over the batch's mean change, so the few cells a step
+    # adds (the new stretch of a route) outweigh the many it copies; 0: a plain mean, as released
+    changed_weight: float = 0.0
 
 
 HEAD_TARGETS = ("vit", "merger_norm")
@@ -506,12 +510,27 @@ class Sketchpad(LatentMethod):
             return {**losses, "latent_vit": zero, "latent_embed": zero}
         states = hidden.detach() if beside else hidden
         predicted, space = self.head_sketches(model, batch, states, targets, images if images_real else [], beside)
-        losses["latent_vit"] = F.l1_loss(self.head_space(backbone, predicted, frozen=beside).float(),
-                                         torch.stack(space).float())
+        losses["latent_vit"] = self.sketch_l1(self.head_space(backbone, predicted, frozen=beside),
+                                              torch.stack(space), b.view(-1, c.num_latent_tokens)[:, 0])
         if not beside:
             embedded = backbone.project_vision_features(predicted.flatten(0, 1))  # (s * k, hidden)
             losses["latent_embed"] = F.l1_loss(embedded.float(), target_embeds.float())
         return losses
+
+    def sketch_l1(self, drawn: torch.Tensor, true: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """L1 between ``(s, n, d)`` sketches in segment order (``rows``: each one's batch row), each vector weighted by
+        ``changed_weight`` (config) where it changes from its row's previous sketch."""
+        error = (drawn.float() - true.float()).abs().mean(-1)  # (s, n)
+        if not self.config.changed_weight:
+            return error.mean()
+        true = true.float()
+        later = torch.zeros_like(rows, dtype=torch.bool)  # (s,): a sketch with an earlier one in its row
+        later[1:] = rows[1:] == rows[:-1]
+        change = torch.zeros_like(error)
+        change[1:] = (true[1:] - true[:-1]).abs().mean(-1) * later[1:, None]
+        mean = change[later].mean() if later.any() else change.new_ones(())
+        weight = 1 + self.config.changed_weight * change / mean.clamp_min(1e-8)
+        return (error * weight).sum() / weight.sum()
 
     def head_sketches(self, model, batch, states, targets, images, frozen: bool = False):
         """The head's sketch for every latent segment of a teacher-forced batch: ``states`` the LM's last hidden
@@ -524,6 +543,21 @@ class Sketchpad(LatentMethod):
                   for f, g in zip(images, batch["image_grid_thw"])] if images else []
         context = self.global_context(batch, b, t, space, images, backbone.image_token_id)
         return self.head(states[b, t - 1].view(-1, k, states.shape[-1]), *context), space
+
+    @torch.no_grad()
+    def teacher_forced_sketches(self, model, batch):
+        """What the head draws for every latent segment of ``batch`` given the true earlier sketches (in the slots and
+        in its context) -> (the head's sketches, the true ones), both ``(s, K * per, d_v)`` in the head's space:
+        how well it draws, apart from whether the model's own reasoning before a sketch is right."""
+        backbone = model.backbone
+        targets, _ = self.sketch_targets(model, batch)
+        slots = model.latent_slots(batch)
+        embeds = model.embed_inputs(batch).index_put(
+            slots, backbone.project_vision_features(torch.cat(targets)).to(model.dtype))
+        hidden = model.run_language_model(embeds, batch).last_hidden_state  # (batch, seq, hidden)
+        images, _ = self.vit_features(model, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        drawn, space = self.head_sketches(model, batch, hidden, targets, images)
+        return self.head_space(backbone, drawn), torch.stack(space)
 
     def global_context(self, batch, b, t, targets, images, image_token_id):
         """Each sketch's global context: its row's earlier inline images (``images``: (features, places) pairs in
