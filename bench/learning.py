@@ -268,8 +268,10 @@ def run_sketches(job: dict) -> dict:
     colour = decoder_metrics["args"].get("path_color")
     colour = tuple(map(int, colour.split(","))) if colour else None
     scores = score_drawn(drawn, truth, colour, size)
-    forced = score_drawn(teacher_forced_pictures(model, decoder, [records[ex.id] for ex in examples]), truth,
-                         colour, size)
+    forced = teacher_forced_pictures(model, decoder, [records[ex.id] for ex in examples])
+    # a first sketch has no true earlier one in the head's context to copy the route so far from
+    forced = {"all": score_drawn(forced, truth, colour, size),
+              "first": score_drawn([p[:1] for p in forced], [t[:1] for t in truth], colour, size)}
     label_h = 14
     sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples[:n]) * (size + 4)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -330,23 +332,31 @@ def score_drawn(drawn: list[list], truth: list[list[str]], colour: tuple[int, in
     return {"examples": len(drawn), "own": versus(0), "other": versus(1) if len(drawn) > 1 else None}
 
 
-def drawn_line(drawn: dict | None, forced: bool = False) -> list[str]:
-    """The report's sentence on the model's own decoded sketches (``score_drawn``); ``forced``: on those its head
-    draws given the true earlier steps (``teacher_forced_pictures``)."""
+def drawn_line(drawn: dict | None, what: str = "The model's own sketches") -> list[str]:
+    """The report's sentence on decoded sketches (``score_drawn``): by default the model's own, generated."""
     if not drawn:
         return []
     own, other = drawn["own"], drawn["other"]
     if own is None:
         return [f"The model drew no whole sketch on the {drawn['examples']} scored test examples."]
     key = "path_iou" if "path_iou" in own else "foreground_iou"
-    what = ("Given the true earlier steps (the true sketches in the latent slots and in the head's context), its "
-            "head's sketches" if forced else "The model's own sketches")
     line = (f"{what} ({own['sketches']} from {drawn['examples']} test examples, decoded) against "
             f"the true helper image of the same step: {key} {own[key]:g}, psnr {own['psnr']:g}")
     if other:
         line += (f"; against the next test example's helper image at that step: {key} {other[key]:g}, psnr "
                  f"{other['psnr']:g} (a drawing specific to its example scores higher against its own)")
     return [line + "."]
+
+
+def forced_lines(forced: dict | None) -> list[str]:
+    """The report's sentences on what the head draws given the true earlier steps (``teacher_forced_pictures``): all
+    its sketches, then the first ones alone."""
+    if not forced:
+        return []
+    return [*drawn_line(forced["all"], "Given the true earlier steps (the true sketches in the latent slots and in the "
+                                       "head's context), its head's sketches"),
+            *drawn_line(forced["first"], "Its head's first sketches alone, with no earlier sketch in its context to "
+                                         "copy the route so far from,")]
 
 
 # -- the whole benchmark ---------------------------------------------------------------------------------------------
@@ -591,7 +601,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                   + " (VAE round trip, the bound: " + ", ".join(f"{k} {v:g}" for k, v in m["vae_round_trip"].items())
                   + ").",
                   *drawn_line(sketches.get("drawn")),
-                  *drawn_line(sketches.get("teacher_forced"), forced=True),
+                  *forced_lines(sketches.get("teacher_forced")),
                   "Test examples: the input, then per latent step the true helper image and the sketch the model drew "
                   f"(latent segments generated per example: {sketches['segments']}).", "",
                   f"![sketches]({Path(sketches['sketches']).name})", "",

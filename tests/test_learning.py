@@ -158,6 +158,7 @@ def test_one_arm_end_to_end(tmp_path):
     assert "sketchpad's sketches (maze, seed 0)" in report
     assert "The model's own sketches (" in report or "drew no whole sketch on the 3 scored" in report
     assert "Given the true earlier steps (the true sketches in the latent slots and in the head's context)" in report
+    assert "Its head's first sketches alone, with no earlier sketch in its context" in report
     for png in ("learning_curves.png", "learning_sketches.png", "learning_sketches_reconstructions.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
 
