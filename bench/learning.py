@@ -268,10 +268,7 @@ def run_sketches(job: dict) -> dict:
     colour = decoder_metrics["args"].get("path_color")
     colour = tuple(map(int, colour.split(","))) if colour else None
     scores = score_drawn(drawn, truth, colour, size)
-    forced = teacher_forced_pictures(model, decoder, [records[ex.id] for ex in examples])
-    # a first sketch has no true earlier one in the head's context to copy the route so far from
-    forced = {"all": score_drawn(forced, truth, colour, size),
-              "first": score_drawn([p[:1] for p in forced], [t[:1] for t in truth], colour, size)}
+    forced = teacher_forced_scores(model, decoder, [records[ex.id] for ex in examples], colour)
     label_h = 14
     sheet = Image.new("RGB", ((1 + 2 * steps) * (size + 4), label_h + len(examples[:n]) * (size + 4)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -290,6 +287,16 @@ def run_sketches(job: dict) -> dict:
     return {"kind": "sketches", "name": job["name"], "task": job["task"], "seed": job["seed"], "lr": job["lr"],
             "metrics": decoder_metrics, "drawn": scores, "teacher_forced": forced, "sketches": job["figure_out"],
             "reconstructions": str(recon), "segments": [len(g.latent_segments) for g in gens[:n]]}
+
+
+def teacher_forced_scores(model, decoder, records: list[dict], colour: tuple[int, int, int] | None) -> dict:
+    """``score_drawn`` on what the head draws given the true earlier steps (``teacher_forced_pictures``): all its
+    sketches, and its first ones alone (a first sketch has no true earlier one in the head's context to copy the
+    route so far from)."""
+    drawn, truth = teacher_forced_pictures(model, decoder, records), [helper_images(r) for r in records]
+    size = decoder.config.image_size
+    return {"all": score_drawn(drawn, truth, colour, size),
+            "first": score_drawn([d[:1] for d in drawn], [t[:1] for t in truth], colour, size)}
 
 
 def teacher_forced_pictures(model, decoder, records: list[dict]) -> list[list]:

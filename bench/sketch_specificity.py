@@ -70,15 +70,12 @@ def main() -> int:
               "l1_mean_sketch": l1(mean.expand_as(true), true), "l1_true_other": l1(true, true[other]),
               "centred_cos_own": centred_cos(drawn, true), "centred_cos_other": centred_cos(drawn, true[other])}
     if args.decoder:  # the teacher-forced sketches decoded, scored as the bench scores generated ones
-        from learning import helper_images, score_drawn, teacher_forced_pictures
+        from learning import teacher_forced_scores
         from vlatent.decoders import load_decoder
 
-        decoder = load_decoder(args.decoder)
         colour = json.loads((Path(args.decoder) / "metrics.json").read_text())["args"].get("path_color")
-        result["decoded"] = score_drawn(teacher_forced_pictures(model, decoder, records),
-                                        [helper_images(r) for r in records],
-                                        tuple(map(int, colour.split(","))) if colour else None,
-                                        decoder.config.image_size)
+        result["decoded"] = teacher_forced_scores(model, load_decoder(args.decoder), records,
+                                                  tuple(map(int, colour.split(","))) if colour else None)
     print(json.dumps(result))
     return 0
 

@@ -58,6 +58,8 @@ Choices the paper leaves open (or where the release is not followed):
 - Helper images are resized to exactly ``sketch_size`` px (collator ``latent_target_size``), so every sketch is one
   fixed grid; the release fixes 256 tokens (448 px) likewise.
 - A sketch is forced to exactly K latents: use ``latent_steps="fixed"`` (the default) at inference.
+- ``changed_weight`` (0, as released) weights the head's ViT-space L1 towards the vectors a row's later sketch changes
+  from its previous one (a maze step's new route cells): under the plain mean the tiny head learned to copy.
 - VLPO (not in the paper) scores each sketch latent as a Gaussian around the head's output, re-run over the sketch's
   states with the context generation gave it (``policy_means``).
 """
