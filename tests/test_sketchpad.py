@@ -250,6 +250,11 @@ def test_head_target_merger_norm_regresses_after_the_mergers_rmsnorm(tiny_base, 
     drawn, true = model.method.teacher_forced_sketches(model, batch)
     torch.testing.assert_close(drawn.float(), by_hand(seen[0]).float())
     torch.testing.assert_close(true.float(), by_hand(torch.stack(targets)).float())
+    from vlatent.methods.sketchpad import text_only
+
+    sketchless = model.collator()([text_only(r) for r in load_records(maze)[:2]])
+    with pytest.raises(ValueError, match="no helper images to teacher-force"):
+        model.method.teacher_forced_sketches(model, sketchless)
     vit = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=2, **TINY)  # ours: the raw ViT features
     assert torch.equal(vit.method.head_space(vit.backbone, targets[0]), targets[0])
     with pytest.raises(ValueError, match="head_target must be one of vit, merger_norm"):

@@ -552,7 +552,9 @@ class Sketchpad(LatentMethod):
         in its context) -> (the head's sketches, the true ones), both ``(s, K * per, d_v)`` in the head's space:
         how well it draws, apart from whether the model's own reasoning before a sketch is right."""
         backbone = model.backbone
-        targets, _ = self.sketch_targets(model, batch)
+        targets, real = self.sketch_targets(model, batch)
+        if not real:
+            raise ValueError(f"batch {batch.get('ids')}: no helper images to teacher-force (records without sketches)")
         slots = model.latent_slots(batch)
         embeds = model.embed_inputs(batch).index_put(
             slots, backbone.project_vision_features(torch.cat(targets)).to(model.dtype))
