@@ -83,7 +83,7 @@ MUTANTS = [
            ["tests/test_sketchpad.py::test_grid_coords_are_each_vectors_centre_in_runs_of_merged_patches",
             "tests/test_objectives.py::test_sketchpad_stage2_losses_recomputed_per_sketch"]),
     Mutant("sketchpad_head_beside_stage1_reaches_the_lm", "vlatent/methods/sketchpad.py",
-           "states = hidden.detach() if beside else hidden", "states = hidden",
+           "states = hidden.detach() if beside and not c.head_trains_states else hidden", "states = hidden",
            ["tests/test_sketchpad.py::test_head_in_stage1_trains_the_head_and_leaves_the_backbone_to_ce"]),
     Mutant("sketchpad_mse_for_l1", "vlatent/methods/sketchpad.py",
            "error = (drawn.float() - true.float()).abs().mean(-1)",

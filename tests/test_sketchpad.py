@@ -187,6 +187,28 @@ def test_head_in_stage1_trains_the_head_and_leaves_the_backbone_to_ce(tiny_base,
     torch.testing.assert_close(outs[True].losses["ce"], outs[False].losses["ce"])
 
 
+def test_head_trains_states_moves_the_language_model_with_the_same_loss(tiny_base, maze):
+    """``head_trains_states``: the same forward and loss as the head trained beside stage 1 on detached states, but
+    the head's loss now also moves the language model (its layers' gradients are no longer those of the detached
+    run). Catches the option ignored (states still detached) or changing what is computed."""
+    grads, losses = {}, {}
+    for trains in (False, True):
+        torch.manual_seed(0)
+        model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", stage=1, head_in_stage1=True,
+                                          head_trains_states=trains, head_target="merger_norm", **TINY)
+        out = model(model.collator()(load_records(maze)[:4]))
+        out.loss.backward()
+        losses[trains] = out.losses
+        grads[trains] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for name in ("ce", "latent_vit"):
+        torch.testing.assert_close(losses[True][name], losses[False][name])
+    lm = [n for n in grads[False] if ".language_model.layers." in n]
+    assert lm and sum(not torch.equal(grads[True][n], grads[False][n]) for n in lm) == len(lm)
+    head = [n for n in grads[False] if ".head." in n]
+    for name in head:  # the head's own gradient is the same either way
+        torch.testing.assert_close(grads[True][name], grads[False][name], msg=name)
+
+
 def test_sketch_delimiters_leave_the_ce_when_switched_off_as_released(tiny_base, maze):
     model = LatentVLM.from_pretrained(tiny_base, method="sketchpad", **TINY)
     c = model.method.config

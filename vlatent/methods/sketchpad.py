@@ -108,6 +108,10 @@ class SketchpadConfig(MethodConfig):
     # change from the same place of the row's previous sketch over the batch's mean change, so the few cells a step
     # adds (the new stretch of a route) outweigh the many it copies; 0: a plain mean, as released
     changed_weight: float = 0.0
+    # with head_in_stage1 (not the release's): the head's loss also trains the backbone through the LM states before
+    # the slots that the head reads (as CE does), so stage 1 teaches them what the sketch must show; its targets and
+    # context stay detached
+    head_trains_states: bool = False
 
 
 HEAD_TARGETS = ("vit", "merger_norm")
@@ -510,7 +514,7 @@ class Sketchpad(LatentMethod):
                 return {**losses, "latent_vit": predicted.sum() * 0.0}
             zero = (predicted.sum() + backbone.project_vision_features(predicted.flatten(0, 1)).sum()) * 0.0
             return {**losses, "latent_vit": zero, "latent_embed": zero}
-        states = hidden.detach() if beside else hidden
+        states = hidden.detach() if beside and not c.head_trains_states else hidden
         predicted, space = self.head_sketches(model, batch, states, targets, images if images_real else [], beside)
         losses["latent_vit"] = self.sketch_l1(self.head_space(backbone, predicted, frozen=beside),
                                               torch.stack(space), b.view(-1, c.num_latent_tokens)[:, 0])
