@@ -49,6 +49,22 @@ def test_bad_config_fails_at_build_time(tiny_base, override, message):
         LatentVLM.from_pretrained(tiny_base, method="cocova", **{**TINY, **override})
 
 
+@pytest.mark.parametrize("channels, groups", [([16, 32], 8), ([64, 128], 32)])
+def test_unet_attention_heads_are_eight_wide(channels, groups):
+    """Every attention of the diffusion decoder splits its width into heads 8 wide (diffusers reads its
+    ``attention_head_dim`` as a head count: 8 heads of width 2 at 16 channels, 4x the score matrices)."""
+    from diffusers.models.attention_processor import Attention
+
+    from vlatent.methods import create_method
+
+    method = create_method("cocova", hidden_size=128, **{**TINY, "unet_channels": channels, "unet_norm_groups": groups})
+    attentions = [m for m in method.unet.modules() if isinstance(m, Attention)]
+    assert attentions  # the cross-attention blocks and the mid block
+    assert sorted({a.inner_dim for a in attentions}) == channels  # every level of the UNet has attention
+    for a in attentions:
+        assert a.inner_dim == 8 * a.heads, (a.inner_dim, a.heads)
+
+
 def test_losses_and_their_gradients(model, depth_data):
     batch = model.collator()(load_records(depth_data / "train.jsonl")[:3])
     assert batch["latent_target_images"].shape == (3, 3, 16, 16)

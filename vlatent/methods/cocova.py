@@ -29,7 +29,8 @@ this process's rows keeping their gradient) and of the last ``contrastive_queue`
 views detached, the newest per record and segment; vlatent's choice, the paper names no queue): with one segment per
 process the loss is no longer 0. A queued view of the anchor's own record and segment is never its negative. The
 reconstruction is a small ``diffusers`` ``UNet2DConditionModel`` with a ``DDPMScheduler`` denoising the helper image
-(``recon_size`` px, pixel space) with the segment's K thoughts as cross-attention context; ``reconstruct`` samples it.
+(``recon_size`` px, pixel space) with the segment's K thoughts as cross-attention context, its attention heads 8
+channels wide at every level; ``reconstruct`` samples it.
 
 Choices the paper leaves open: the visual tokens are the input images' merged vision tokens in LM space (null token
 added so a row without image still has a key); the selection's gradient reaches the scorer through the attention
@@ -205,7 +206,9 @@ class Cocova(LatentMethod):
             block_out_channels=tuple(c.unet_channels), norm_num_groups=c.unet_norm_groups,
             down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-            cross_attention_dim=c.lq_hidden_size, attention_head_dim=8)
+            # diffusers reads ``attention_head_dim`` as the number of heads (its old naming, kept for compatibility):
+            # channels // 8 heads per block makes every head 8 wide, as the check above says
+            cross_attention_dim=c.lq_hidden_size, attention_head_dim=tuple(ch // 8 for ch in c.unet_channels))
         self.scheduler = DDPMScheduler(num_train_timesteps=c.diffusion_steps)
         if not isinstance(c.contrastive_queue, int) or c.contrastive_queue < 0:
             raise ValueError(f"cocova: contrastive_queue must be an integer >= 0, got {c.contrastive_queue!r}")
