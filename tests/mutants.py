@@ -100,6 +100,9 @@ MUTANTS = [
            "context = self.image_context(backbone, batch[\"input_ids\"], None,",
            ["tests/test_objectives.py::"
             "test_sketchpad_generated_sketch_is_the_head_on_its_own_teacher_forced_sequence"]),
+    Mutant("cocova_unet_head_count_as_width", "vlatent/methods/cocova.py",
+           "attention_head_dim=tuple(ch // 8 for ch in c.unet_channels))", "attention_head_dim=8)",
+           ["tests/test_cocova.py::test_unet_attention_heads_are_eight_wide"]),
     Mutant("cocova_contrastive_one_view", "vlatent/methods/cocova.py",
            "for v in (visual, text)) / 2", "for v in (visual,)) / 2",
            ["tests/test_objectives.py::test_cocova_contrastive_is_symmetric_infonce_on_centred_pooled_views"]),
