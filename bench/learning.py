@@ -791,7 +791,7 @@ def main() -> int:
         lrs = grid[key[0]]  # ties go to the rate listed first
         best = max(ok, key=lambda r: (r.get("val_accuracy", 0.0), -lrs.index(r["lr"])))
         chosen[key] = best["lr"]
-        more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]]
+        more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]] if args.tune else []
         if args.tune:
             more.append({"kind": "test", **{k: best[k] for k in ("name", "task", "seed", "lr")},
                          "arm": arms[key[0]], "data": str(data[key[1]]), "fresh": str(fresh[key[1]]),
@@ -807,7 +807,9 @@ def main() -> int:
                          "figure_out": str(report.parent / figure_name(report, "sketches"))})
         return more
 
-    first = [job(name, t, args.seeds[0], lr) for name, t in pairs for lr in grid[name]]
+    # tuned, the other seeds wait for val to pick the rate; not tuned, every seed starts at once
+    first = [job(name, t, seed, lr) for name, t in pairs for lr in grid[name]
+             for seed in (args.seeds[:1] if args.tune else args.seeds)]
     done = run_all(first, args.jobs, then, mp)
     results = [r for r in done if r.get("kind") is None and chosen.get((r["name"], r["task"])) == r["lr"]]
     results += [r for r in done if "error" in r and ((r["name"], r["task"]) not in chosen

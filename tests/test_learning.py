@@ -177,6 +177,22 @@ def test_one_arm_end_to_end(tmp_path):
         assert json.loads(newest.read_text())["job"]["arm"]["eval"]["max_new_tokens"] == 30
 
 
+def test_untuned_seeds_start_together(tmp_path):
+    """--no-tune: no seed waits for another (nothing is picked on val), so with 2 workers seed 1 starts before seed 0
+    has finished, and both are scored on test at the grid's first rate."""
+    cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms", "text_direct", "--tasks", "depth", "--no-tune",
+           "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", "runs",
+           "--report", str(tmp_path / "LEARNING.md")]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
+    lr = learning.load_arm("text_direct")["learning_rates"][0]
+    jobs = {s: tmp_path / f"runs/runs/text_direct/depth/seed{s}/lr{lr:g}" for s in (0, 1)}
+    results = {s: json.loads((job / "result.json").read_text()) for s, job in jobs.items()}
+    assert all("accuracy" in r and "val_accuracy" not in r for r in results.values())
+    for first, second in ((0, 1), (1, 0)):  # each began training before the other one's result was written
+        assert (jobs[first] / "stage0.yaml").stat().st_mtime < (jobs[second] / "result.json").stat().st_mtime
+    assert "not tuned" in (tmp_path / "LEARNING.md").read_text()
+
+
 def test_a_result_stays_valid_when_only_another_tasks_settings_change():
     arm = {"tasks": ["maze", "vsp"], "records": "as_built", "stages": [], "learning_rates": [1e-3], "cost": 1,
            "eval": {"latent": "auto", "max_new_tokens": {"default": 96, "maze": 192}}}
