@@ -43,8 +43,7 @@ def load_model(base: str, teachers: str, method: str, cfg: dict):
 
 
 def maze_batch(model, data: str, batch: int):
-    from learning import present  # bench/learning.py: Monet's view, the text after a latent step is observed
-    from vlatent.data import load_records
+    from vlatent.data import load_records, present  # "observations": Monet's view, the text after a latent step
 
     return model.collator()(present(load_records(data)[:batch], "observations"))
 

@@ -177,6 +177,24 @@ def test_one_arm_end_to_end(tmp_path):
         assert json.loads(newest.read_text())["job"]["arm"]["eval"]["max_new_tokens"] == 30
 
 
+def test_train_throughput_times_one_arm(tiny_base, tmp_path):
+    """bench/train_throughput.py's per-arm run (the process each method's row comes from) on Monet's observed view of
+    a few maze records: one timed step, and the batch it timed is the view's (its tokens counted by hand)."""
+    subprocess.run([sys.executable, "-m", "data_builders.maze", "--out", str(tmp_path / "maze"), "--n", "4", "--size",
+                    "4", "--seed", "0"], check=True, cwd=ROOT, capture_output=True)
+    arm = json.dumps([str(tiny_base), str(tmp_path / "maze/train.jsonl"), str(tmp_path), "monet", {"stage": 1}])
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--arm", arm, "--batch", "2",
+                          "--steps", "1"], check=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["step_s"] > 0 and row["samples_per_s"] == pytest.approx(2 / row["step_s"])
+    from vlatent.data import load_records
+    from vlatent.model import LatentVLM
+
+    model = LatentVLM.from_pretrained(tiny_base, method="monet", stage=1)
+    batch = model.collator()(present(load_records(tmp_path / "maze/train.jsonl")[:2], "observations"))
+    assert row["tokens"] == int(batch["attention_mask"].sum())
+
+
 def test_untuned_seeds_start_together(tmp_path):
     """--no-tune: no seed waits for another (nothing is picked on val), so with 2 workers seed 1 starts before seed 0
     has finished, and both are scored on test at the grid's first rate."""
