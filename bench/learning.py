@@ -586,9 +586,11 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
             lines.append(f"| {arm} | {t} | {mean_std([x['start'] for x in rs])} | {mean_std(steps)} "
                          f"| {mean_std([x['exact'] for x in rs])} |")
     lines += ["", "## Cost and settings", "",
-              "Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split "
-              f"({budget.get('val_examples') or 'all'} examples) kept (ties: the first listed) and only it scored "
-              "on test; the other seeds at that rate. Job s: training, evaluation and interventions.", "",
+              ("Learning rate: seed 0 trained at every rate of the arm's grid, the best on the val split "
+               f"({budget.get('val_examples') or 'all'} examples) kept (ties: the first listed) and only it scored "
+               "on test; the other seeds at that rate." if args.tune else
+               "Learning rate: the first of the arm's grid for every seed (`--no-tune`).")
+              + " Job s: training, evaluation and interventions.", "",
               "| arm | task | examples seen | train s (mean) | job s (mean) | learning rate "
               "| val accuracy per rate (seed 0) | latent mode |", "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
