@@ -2,7 +2,7 @@
 that must catch it, and print caught / survived.
 
     nice -n 19 python tests/mutants.py              # every mutant (10-15 minutes on 2 cores)
-    python tests/mutants.py --fast                  # the 12 whose tests build no model (2 minutes; CI)
+    python tests/mutants.py --fast                  # the 13 whose tests build no model (2 minutes; CI)
     python tests/mutants.py --only monet_cosine_over_tokens sft_resume_ignored
     python tests/mutants.py --list
 
@@ -100,6 +100,15 @@ MUTANTS = [
            "context = self.image_context(backbone, batch[\"input_ids\"], None,",
            ["tests/test_objectives.py::"
             "test_sketchpad_generated_sketch_is_the_head_on_its_own_teacher_forced_sequence"]),
+    Mutant("bottleneck_start_tokens_visible", "vlatent/methods/base.py",
+           "hidden_keys = (idx >= first_image) & ((idx < first_start) | starts)",
+           "hidden_keys = (idx >= first_image) & (idx < first_start)",
+           ["tests/test_bottleneck.py::"
+            "test_hidden_span_runs_from_the_first_image_to_the_first_latent_start_and_takes_every_start"], fast=True),
+    Mutant("bottleneck_cached_step_masks_the_first_row", "vlatent/generation.py",
+           "step_mask = attn * ~(blind[:, -1:] & hidden_keys)", "step_mask = attn * ~(blind[:, :1] & hidden_keys)",
+           ["tests/test_bottleneck.py::test_generation_text_after_the_latents_follows_them_alone",
+            "tests/test_bottleneck.py::test_cached_decode_matches_the_reference_loop_with_several_segments"]),
     Mutant("cocova_unet_head_count_as_width", "vlatent/methods/cocova.py",
            "attention_head_dim=tuple(ch // 8 for ch in c.unet_channels))", "attention_head_dim=8)",
            ["tests/test_cocova.py::test_unet_attention_heads_are_eight_wide"]),

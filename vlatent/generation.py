@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .methods.base import LATENT_STEPS, LatentContext
+from .methods.base import LATENT_STEPS, LatentContext, bottleneck_spans
 
 LATENT_MARKER = "[latent x{k}]"
 LATENT_MARKER_PATTERN = re.compile(re.escape(LATENT_MARKER).replace(re.escape("{k}"), r"\d+"))  # any k
@@ -186,6 +186,9 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
 
     batch = encode_prompts(model, images, prompts, prefixes)
     ids, attn = batch["input_ids"], batch["attention_mask"]
+    fed = ids  # (n, L + steps so far): every input id, a latent as the latent pad (what the bottleneck mask reads)
+    if model.bottlenecked:
+        model.require_4d_masks("latent_bottleneck")
     n, device = ids.shape[0], ids.device
     positions = backbone.position_ids(ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attn)  # (3, n, L)
     next_pos = positions.reshape(-1, n, positions.shape[-1]).amax(dim=(0, 2)) + 1  # (n,); M-RoPE or 1-D alike
@@ -301,13 +304,20 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
             step_pos = step_pos.clone()
             step_pos[..., rows, 0] = segment_start[rows] + offsets[..., slot]
         attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
+        if model.bottlenecked:
+            fed = torch.cat([fed, torch.where(feed_latent, pad_latent_id, tokens)[:, None]], dim=1)
         if use_cache:
-            out = backbone(next_embeds, step_pos, attn, past_key_values=cache, use_cache=True, visual=visual)
+            step_mask = attn
+            if model.bottlenecked:  # the fed token's row of the bottleneck mask
+                hidden_keys, blind = bottleneck_spans(fed, **model.bottleneck_ids())
+                step_mask = attn * ~(blind[:, -1:] & hidden_keys)
+            out = backbone(next_embeds, step_pos, step_mask, past_key_values=cache, use_cache=True, visual=visual)
             cache = out.past_key_values
         else:  # reference path: the whole prefix again
             embeds = torch.cat([embeds, next_embeds], dim=1)
             positions = torch.cat([positions, step_pos], dim=-1)
-            out = backbone(embeds, positions, attn, visual=visual)
+            out = backbone(embeds, positions, model.decoder_mask({"input_ids": fed, "attention_mask": attn},
+                                                                 embeds.dtype), visual=visual)
         h = out.last_hidden_state[:, -1]
         next_pos = torch.maximum(next_pos, step_pos.reshape(-1, n).amax(0) + 1)  # text: +1; a sketch: its max + 1
 

@@ -25,6 +25,7 @@ from . import __version__
 from .backbones import Backbone, BackboneOutput, backbone_class
 from .backbones.base import place_images
 from .methods import LatentMethod, create_method, list_methods, method_class
+from .methods.base import additive_mask, bottleneck_allowed
 
 VLATENT_CONFIG = "vlatent_config.json"
 METHOD_WEIGHTS = "method.safetensors"
@@ -215,14 +216,40 @@ class LatentVLM(nn.Module):
         offsets = self.method.latent_positions(self.backbone)
         return positions if offsets is None else place_images(positions, slots, offsets)
 
-    def run_language_model(self, embeds, batch, positions=None, upto=None, output_hidden_states=False, mask=None):
-        """The decoder over ``embeds`` (optionally only the first ``upto`` positions) of a batch that went through
-        ``embed_inputs``. ``mask``: a method's own additive 4-D mask instead of the batch's padding mask."""
+    def run_language_model(self, embeds, batch, positions=None, output_hidden_states=False, mask=None):
+        """The decoder over ``embeds`` of a batch that went through ``embed_inputs``. ``mask``: a method's own additive
+        4-D mask instead of ``decoder_mask``."""
         positions = self.position_ids(batch) if positions is None else positions
-        if mask is None:
-            mask = batch["attention_mask"] if upto is None else batch["attention_mask"][:, :upto]
+        mask = self.decoder_mask(batch, embeds.dtype) if mask is None else mask
         return self.backbone(embeds, positions, mask, output_hidden_states=output_hidden_states,
                              visual=batch.get("visual_context"))
+
+    def decoder_mask(self, batch, dtype: torch.dtype) -> torch.Tensor:
+        """The mask a batch runs the decoder under: its 2-D padding mask, or under the method's ``latent_bottleneck``
+        the additive (batch, 1, seq, seq) mask of ``bottleneck_allowed``."""
+        if not self.bottlenecked:
+            return batch["attention_mask"]
+        return additive_mask(self.bottleneck_allowed(batch["input_ids"], batch["attention_mask"]), dtype)
+
+    @property
+    def bottlenecked(self) -> bool:
+        """True when the method hides the question from the text after the latents (``latent_bottleneck``)."""
+        return self.method.uses_latents and self.method.config.latent_bottleneck
+
+    def bottleneck_allowed(self, input_ids, attention_mask) -> torch.Tensor:
+        """``vlatent.methods.base.bottleneck_allowed`` with this model's token ids: (batch, seq, seq) bool."""
+        self.require_4d_masks("latent_bottleneck")
+        return bottleneck_allowed(input_ids, attention_mask, **self.bottleneck_ids())
+
+    def bottleneck_ids(self) -> dict[str, int]:
+        return {"image_token_id": self.backbone.image_token_id, "latent_start_id": self.method.config.latent_start_id}
+
+    def require_4d_masks(self, what: str) -> None:
+        """Refuse, by name, an attention implementation that cannot take a 4-D mask (flash attention)."""
+        impl = getattr(self.backbone.config, "_attn_implementation", None) or ""
+        if impl.startswith("flash"):
+            raise ValueError(f"{what} needs a 4-D attention mask, which attn_implementation={impl!r} does not take; "
+                             "load the model with attn_implementation='sdpa' or 'eager'")
 
     def fill_latents(self, embeds, batch, positions, mask, output_hidden_states=False, next_latent=None):
         """Fill every latent slot with ``method.next_latent`` of the previous position's last hidden state,

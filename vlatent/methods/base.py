@@ -63,6 +63,11 @@ class MethodConfig:
     # from the first step on, at most ``max_latent_steps`` latents (as Mirage's and Monet's releases decode)
     latent_steps: str = "fixed"
     max_latent_steps: int | None = None  # "model": the most latents in a segment (None: 2K)
+    # everything after a row's first latent start (text and latent slots, not the start tokens that produce the first
+    # latent) is blind to the question (its images and everything from the first image to that start): what it knows
+    # of the picture comes as the latent vectors fed in (``bottleneck_spans``); a probe of whether latents carry the
+    # example, in training and at inference alike; not in any paper
+    latent_bottleneck: bool = False
 
     def __post_init__(self):
         if self.latent_steps not in LATENT_STEPS:
@@ -100,6 +105,9 @@ class LatentMethod(nn.Module):
 
     def __init__(self, config: MethodConfig, hidden_size: int):
         super().__init__()
+        if config.latent_bottleneck and not self.uses_latents:
+            raise ValueError(f"latent_bottleneck hides the question from the text after latent segments, and method "
+                             f"{self.name!r} has none")
         self.config = config
         self.hidden_size = hidden_size
 
@@ -205,6 +213,38 @@ class LatentMethod(nn.Module):
 
 
 _METHODS: dict[str, type[LatentMethod]] = {}
+
+
+def bottleneck_spans(input_ids: torch.Tensor, *, image_token_id: int,
+                     latent_start_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latent_bottleneck``'s two (batch, seq) bool masks: the keys hidden and the queries blind to them. Hidden: a
+    row's first image token up to its first latent start, and every latent start token after (its state produces the
+    segment's first latent, so it reads the picture). Blind: every position after the first start but the start
+    tokens, the latent slots included, so the picture reaches them only as the latent vectors fed in (what a swap
+    replaces). A row without an image or a latent segment hides nothing."""
+    length = input_ids.shape[1]
+    idx = torch.arange(length, device=input_ids.device)
+    first = lambda hit: torch.where(hit, idx, length).amin(1, keepdim=True)  # noqa: E731  (batch, 1)
+    starts = input_ids == latent_start_id
+    first_image, first_start = first(input_ids == image_token_id), first(starts)
+    hidden_keys = (idx >= first_image) & ((idx < first_start) | starts)
+    return hidden_keys, (idx > first_start) & ~starts
+
+
+def bottleneck_allowed(input_ids: torch.Tensor, attention_mask: torch.Tensor, **token_ids) -> torch.Tensor:
+    """(batch, seq, seq) bool, True where query row may attend to key column: causal, no padded keys, and
+    ``bottleneck_spans``' keys hidden from its queries."""
+    length = input_ids.shape[1]
+    hidden_keys, blind = bottleneck_spans(input_ids, **token_ids)
+    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    return causal & attention_mask.bool()[:, None, :] & ~(blind[:, :, None] & hidden_keys[:, None, :])
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (batch, seq, seq) -> additive (batch, 1, seq, seq) in ``dtype``: 0 where allowed, the dtype's min else
+    (finite, so rows with nothing to see stay NaN-free)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def slot_means(targets: torch.Tensor, k: int) -> torch.Tensor:

@@ -240,8 +240,8 @@ class Cocova(LatentMethod):
                 latents[key], thoughts[key] = out.latents[n], out.thoughts[n]
             return out.latents
 
-        _, out, (b, t) = model.fill_latents(embeds, batch, model.position_ids(batch), batch["attention_mask"],
-                                            next_latent=next_latent)
+        _, out, (b, t) = model.fill_latents(embeds, batch, model.position_ids(batch),
+                                            model.decoder_mask(batch, embeds.dtype), next_latent=next_latent)
         hidden = out.last_hidden_state
         losses = {"ce": model.lm_loss(hidden, batch["labels"])}
         gather = c.contrastive_gather and model.uniform_compute

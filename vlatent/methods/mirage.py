@@ -112,8 +112,9 @@ class Mirage(LatentMethod):
         return losses
 
     def _stage2(self, model, batch):
-        embeds, out, slots = model.fill_latents(model.embed_inputs(batch), batch, model.position_ids(batch),
-                                                batch["attention_mask"])
+        embeds = model.embed_inputs(batch)
+        embeds, out, slots = model.fill_latents(embeds, batch, model.position_ids(batch),
+                                                model.decoder_mask(batch, embeds.dtype))
         losses = {"ce": model.lm_loss(out.last_hidden_state, batch["labels"])}
         if self.config.stage2_alignment_weight:  # the latents fed (each the state before its slot) to their targets
             targets = self._targets(model, batch)

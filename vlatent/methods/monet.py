@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LatentMethod, MethodConfig, register_method, slot_means
+from .base import LatentMethod, MethodConfig, additive_mask, register_method, slot_means
 
 STAGE_LATENT_MODES = {1: "image", 2: "image+latent", 3: "latent"}
 TEACHER_LATENT_MODES = {1: None, 2: "image", 3: "image+latent"}
@@ -133,13 +133,6 @@ def stage2_allowed(input_ids, attention_mask, *, image_token_id: int, latent_sta
             allowed[b, e + 1:, a:e + 1] = False
             allowed[b, s + 1:pads, a:e + 1] = True
     return allowed
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool (batch, seq, seq) -> additive (batch, 1, seq, seq) in ``dtype``: 0 where allowed, the dtype's min else
-    (finite, so rows with nothing to see stay NaN-free)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @contextlib.contextmanager
@@ -268,10 +261,7 @@ class Monet(LatentMethod):
 
     def stage2_mask(self, model, batch, dtype) -> torch.Tensor:
         """The stage-2 additive (batch, 1, seq, seq) mask of a batch collated with ``"image+latent"``."""
-        impl = getattr(model.backbone.config, "_attn_implementation", None) or ""
-        if impl.startswith("flash"):
-            raise ValueError(f"monet stage 2 needs a 4-D attention mask, which attn_implementation={impl!r} does not "
-                             "take; load the model with attn_implementation='sdpa' or 'eager'")
+        model.require_4d_masks("monet stage 2")
         c = model.method.config
         ids = batch["input_ids"]
         from ..data.chat import image_trailer_length
@@ -280,6 +270,8 @@ class Monet(LatentMethod):
         allowed = stage2_allowed(ids, batch["attention_mask"], image_token_id=model.backbone.image_token_id,
                                  latent_start_id=c.latent_start_id, latent_pad_id=c.latent_pad_id,
                                  image_trailer=trailer)
+        if model.bottlenecked:
+            allowed &= model.bottleneck_allowed(ids, batch["attention_mask"])
         # every latent segment must follow an auxiliary image (image pad, its closing tokens, start), else the batch
         # was collated for another stage
         starts = ids == c.latent_start_id
@@ -317,7 +309,8 @@ class Monet(LatentMethod):
         teacher_states = self._teacher_latent_states(self.teacher(model), batch["teacher"])
         embeds = model.embed_inputs(batch)
         positions = model.position_ids(batch)
-        _, out, (b, t) = model.fill_latents(embeds, batch, positions, batch["attention_mask"], output_hidden_states=True)
+        _, out, (b, t) = model.fill_latents(embeds, batch, positions, model.decoder_mask(batch, embeds.dtype),
+                                            output_hidden_states=True)
         student = torch.stack([h[b, t] for h in out.hidden_states])  # (layers, n_slots, hidden)
         self._check_count(batch, "latent slots", student.shape[1], teacher_states.shape[1])
         if self.config.centre_alignment:

@@ -389,8 +389,10 @@ def action_log_probs(model, r: Rollouts, temperature: float, sigma: float, score
     positions = model.place_latents(torch.cat([positions, steps], -1), slots)  # latent steps as generation put them
     b, c = r.latent_mask.nonzero(as_tuple=True)
     tail = backbone.embed_tokens(r.completion_ids).index_put((b, c), r.latents.to(embeds.dtype))  # (B, C, hidden)
-    hidden = backbone(torch.cat([embeds, tail], 1), positions,
-                      torch.cat([r.prompt_mask, r.completion_mask.long()], 1), visual=visual).last_hidden_state
+    sequence = {"input_ids": torch.cat([r.prompt_ids, r.completion_ids], 1),
+                "attention_mask": torch.cat([r.prompt_mask, r.completion_mask.long()], 1)}
+    hidden = backbone(torch.cat([embeds, tail], 1), positions, model.decoder_mask(sequence, embeds.dtype),
+                      visual=visual).last_hidden_state
     states = hidden[:, p - 1 : -1]  # (B, C, hidden): the state that produced each completion action
     log_probs = torch.zeros(r.text_mask.shape, dtype=torch.float32, device=hidden.device)
 
