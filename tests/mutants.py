@@ -101,10 +101,10 @@ MUTANTS = [
            ["tests/test_objectives.py::"
             "test_sketchpad_generated_sketch_is_the_head_on_its_own_teacher_forced_sequence"]),
     Mutant("bottleneck_start_tokens_visible", "vlatent/methods/base.py",
-           "hidden_keys = (idx >= first_image) & ((idx < first_start) | starts)",
-           "hidden_keys = (idx >= first_image) & (idx < first_start)",
+           "return (idx <= first_start) | starts, (idx > first_start) & ~starts",
+           "return idx <= first_start, (idx > first_start) & ~starts",
            ["tests/test_bottleneck.py::"
-            "test_hidden_span_runs_from_the_first_image_to_the_first_latent_start_and_takes_every_start"], fast=True),
+            "test_blind_positions_see_only_what_follows_the_first_latent_start"], fast=True),
     Mutant("bottleneck_cached_step_masks_the_first_row", "vlatent/generation.py",
            "step_mask = attn * ~(blind[:, -1:] & hidden_keys)", "step_mask = attn * ~(blind[:, :1] & hidden_keys)",
            ["tests/test_bottleneck.py::test_generation_text_after_the_latents_follows_them_alone",

@@ -309,7 +309,7 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
         if use_cache:
             step_mask = attn
             if model.bottlenecked:  # the fed token's row of the bottleneck mask
-                hidden_keys, blind = bottleneck_spans(fed, **model.bottleneck_ids())
+                hidden_keys, blind = bottleneck_spans(fed, start_id)
                 step_mask = attn * ~(blind[:, -1:] & hidden_keys)
             out = backbone(next_embeds, step_pos, step_mask, past_key_values=cache, use_cache=True, visual=visual)
             cache = out.past_key_values

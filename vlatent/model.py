@@ -237,12 +237,9 @@ class LatentVLM(nn.Module):
         return self.method.uses_latents and self.method.config.latent_bottleneck
 
     def bottleneck_allowed(self, input_ids, attention_mask) -> torch.Tensor:
-        """``vlatent.methods.base.bottleneck_allowed`` with this model's token ids: (batch, seq, seq) bool."""
+        """``vlatent.methods.base.bottleneck_allowed`` with this model's latent start token: (batch, seq, seq) bool."""
         self.require_4d_masks("latent_bottleneck")
-        return bottleneck_allowed(input_ids, attention_mask, **self.bottleneck_ids())
-
-    def bottleneck_ids(self) -> dict[str, int]:
-        return {"image_token_id": self.backbone.image_token_id, "latent_start_id": self.method.config.latent_start_id}
+        return bottleneck_allowed(input_ids, attention_mask, self.method.config.latent_start_id)
 
     def require_4d_masks(self, what: str) -> None:
         """Refuse, by name, an attention implementation that cannot take a 4-D mask (flash attention)."""

@@ -63,10 +63,10 @@ class MethodConfig:
     # from the first step on, at most ``max_latent_steps`` latents (as Mirage's and Monet's releases decode)
     latent_steps: str = "fixed"
     max_latent_steps: int | None = None  # "model": the most latents in a segment (None: 2K)
-    # everything after a row's first latent start (text and latent slots, not the start tokens that produce the first
-    # latent) is blind to the question (its images and everything from the first image to that start): what it knows
-    # of the picture comes as the latent vectors fed in (``bottleneck_spans``); a probe of whether latents carry the
-    # example, in training and at inference alike; not in any paper
+    # everything after a row's first latent start (text and latent slots, not the start tokens that produce each
+    # segment's first latent) sees only what follows that start: what it knows of the question and the picture comes
+    # as the latent vectors fed in (``bottleneck_spans``); a probe of whether latents carry the example, in training
+    # and at inference alike; not in any paper
     latent_bottleneck: bool = False
 
     def __post_init__(self):
@@ -215,27 +215,25 @@ class LatentMethod(nn.Module):
 _METHODS: dict[str, type[LatentMethod]] = {}
 
 
-def bottleneck_spans(input_ids: torch.Tensor, *, image_token_id: int,
-                     latent_start_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``latent_bottleneck``'s two (batch, seq) bool masks: the keys hidden and the queries blind to them. Hidden: a
-    row's first image token up to its first latent start, and every latent start token after (its state produces the
-    segment's first latent, so it reads the picture). Blind: every position after the first start but the start
-    tokens, the latent slots included, so the picture reaches them only as the latent vectors fed in (what a swap
-    replaces). A row without an image or a latent segment hides nothing."""
+def bottleneck_spans(input_ids: torch.Tensor, latent_start_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latent_bottleneck``'s two (batch, seq) bool masks: the keys hidden and the queries blind to them. Blind: every
+    position after a row's first latent start but the start tokens (the latent slots included). Hidden: everything up
+    to and including that start, and every later start token (the starts' states produce each segment's first latent,
+    so they read the whole context). A blind position thus sees only blind positions: the question reaches it only as
+    the latent vectors fed in (what a swap replaces), and, positions being relative, not even the length of what came
+    before. A row without a latent segment hides nothing."""
     length = input_ids.shape[1]
     idx = torch.arange(length, device=input_ids.device)
-    first = lambda hit: torch.where(hit, idx, length).amin(1, keepdim=True)  # noqa: E731  (batch, 1)
     starts = input_ids == latent_start_id
-    first_image, first_start = first(input_ids == image_token_id), first(starts)
-    hidden_keys = (idx >= first_image) & ((idx < first_start) | starts)
-    return hidden_keys, (idx > first_start) & ~starts
+    first_start = torch.where(starts, idx, length).amin(1, keepdim=True)  # (batch, 1)
+    return (idx <= first_start) | starts, (idx > first_start) & ~starts
 
 
-def bottleneck_allowed(input_ids: torch.Tensor, attention_mask: torch.Tensor, **token_ids) -> torch.Tensor:
+def bottleneck_allowed(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_start_id: int) -> torch.Tensor:
     """(batch, seq, seq) bool, True where query row may attend to key column: causal, no padded keys, and
     ``bottleneck_spans``' keys hidden from its queries."""
     length = input_ids.shape[1]
-    hidden_keys, blind = bottleneck_spans(input_ids, **token_ids)
+    hidden_keys, blind = bottleneck_spans(input_ids, latent_start_id)
     causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
     return causal & attention_mask.bool()[:, None, :] & ~(blind[:, :, None] & hidden_keys[:, None, :])
 
