@@ -1,6 +1,7 @@
 """VLPO: the objective on hand-computed numbers, rollouts that replay what the generator did (the latent off-by-one),
 rewards through vlatent.scoring, the latent term switch, learning on the tiny model, and 2-process ZeRO-3."""
 
+import copy
 import json
 import math
 import os
@@ -137,10 +138,15 @@ def test_rewards_go_through_scoring():
 # Rollouts replay the generator exactly
 
 
-def test_rollouts_score_each_latent_with_the_state_that_produced_it(switching_model):
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_rollouts_score_each_latent_with_the_state_that_produced_it(switching_model, bottleneck):
     """Rows enter latent segments at different steps; the teacher-forced forward over (prompt + completion, sampled
-    latents in the slots) must give back the mean each latent was sampled around: mu(h_q), q = the slot before."""
+    latents in the slots) must give back the mean each latent was sampled around: mu(h_q), q = the slot before (under
+    ``latent_bottleneck`` too: the forward masks as generation did)."""
     model, sigma = switching_model, 0.05
+    if bottleneck:
+        model = copy.deepcopy(model)
+        model.method.config.latent_bottleneck = True
     images, prompts, prefixes = normalize_inputs([tiny_image(0), tiny_image(1), None], PROMPTS, PREFIXES)
     gens = model.generate(images, prompts, max_new_tokens=30, prefix=prefixes, latent_sigma=sigma,
                           generator=torch.Generator().manual_seed(0))  # greedy text, sampled latents
