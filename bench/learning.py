@@ -8,6 +8,8 @@ check (accuracy with the latents zeroed, swapped between examples, or replaced b
         --out runs/learning_medium --report bench/LEARNING_medium.md   # 4x the training: 117 job-minutes
     python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
     python bench/learning.py --budget small --arms text_direct,mirage --tasks maze --seeds 0 --out runs/l
+    python bench/learning.py --budget medium --arms mirage,cocova --tasks vsp,jigsaw --no-tune \
+        --method-config latent_bottleneck=true --out runs/bottleneck   # the latents as the only way to the answer
 
 Each (arm, task, seed, learning rate) is one job in its own process (`--jobs` at a time); a finished job leaves
 `result.json` in its folder and is not rerun while its settings, budget and the arm's settings for its task stay the
@@ -73,6 +75,18 @@ def load_arm(name: str, arms_dir: Path = ARMS_DIR) -> dict:
         if key not in arm:
             raise SystemExit(f"error: arm {str(path)!r} has no {key!r}")
     return arm
+
+
+def override_method_config(arms: dict[str, dict], pairs: list[str]) -> None:
+    """``KEY=VALUE`` strings (values read as YAML) set in every stage's ``method_config`` of every arm, in place (the
+    jobs' fingerprints follow, so results trained without them are not reused)."""
+    for kv in pairs:
+        if "=" not in kv:
+            raise SystemExit(f"error: --method-config takes KEY=VALUE, got {kv!r}")
+        key, value = kv.split("=", 1)
+        for arm in arms.values():
+            for stage in arm["stages"]:
+                stage.setdefault("method_config", {})[key] = yaml.safe_load(value)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -509,7 +523,8 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
         f"{k} {v:.3f}" for k, v in (base["perception"] or {}).items()) + " of held-out cells read right)"
              if base["kind"] != "random" else "random tiny bases (one per seed)")
     lines = ["# Learning benchmark", "",
-             f"`python bench/learning.py --budget {args.budget}` ({budget['device_note']}, "
+             f"`python bench/learning.py --budget {args.budget}"
+             + "".join(f" --method-config {kv}" for kv in args.method_config) + f"` ({budget['device_note']}, "
              f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, every arm fine-tuned "
              f"whole from {start}). Compute: {sum(r.get('total_s', 0) for r in jobs_run) / 60:.1f} job-minutes "
              f"incl. the learning-rate trials (jobs run {args.jobs} at a time; this invocation took "
@@ -707,6 +722,9 @@ def main() -> int:
     ap.add_argument("--budget", choices=list(BUDGETS), default="small")
     ap.add_argument("--arms-dir", default=str(ARMS_DIR), help="folder of arm YAMLs (default: %(default)s)")
     ap.add_argument("--arms", help="comma-separated arm names (default: every YAML in --arms-dir)")
+    ap.add_argument("--method-config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="set in every stage's method_config of every arm run, e.g. latent_bottleneck=true (use its "
+                         "own --out: the jobs' folders are the arms' names)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
@@ -745,6 +763,7 @@ def main() -> int:
         raise SystemExit("error: --backbone overrides the random tiny backbone: use it with --base random")
     names = args.arms.split(",") if args.arms else sorted(p.stem for p in Path(args.arms_dir).glob("*.yaml"))
     arms = {name: load_arm(name, args.arms_dir) for name in names}
+    override_method_config(arms, args.method_config)
     if args.learning_rates:
         for arm in arms.values():
             arm["learning_rates"] = args.learning_rates

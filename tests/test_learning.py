@@ -1,5 +1,6 @@
 """bench/learning.py: the arms' record views, and one small end-to-end job (train 2 stages, evaluate, intervene)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -84,6 +85,19 @@ def test_every_arm_recipe_loads():
         arm = learning.load_arm(path.stem)
         assert set(arm["tasks"]) <= set(learning.TASKS) and arm["stages"], path
         assert abs(sum(s["share"] for s in arm["stages"]) - 1) < 0.02, path
+
+
+def test_method_config_override_reaches_every_stage_and_the_fingerprint():
+    """``--method-config latent_bottleneck=true``: set (as a YAML bool) in each stage of each arm run, and the jobs'
+    fingerprints change with it, so a plain run's results in the same folder are not reused for it."""
+    arms = {name: learning.load_arm(name) for name in ("mirage", "monet")}
+    job = {"name": "mirage", "arm": copy.deepcopy(arms["mirage"]), "task": "vsp", "seed": 0, "lr": 1e-3}
+    learning.override_method_config(arms, ["latent_bottleneck=true", "num_latent_tokens=8"])
+    assert [s["method_config"]["latent_bottleneck"] for a in arms.values() for s in a["stages"]] == [True] * 5
+    assert all(s["method_config"]["num_latent_tokens"] == 8 for a in arms.values() for s in a["stages"])
+    assert learning.fingerprint(job) != learning.fingerprint({**job, "arm": arms["mirage"]})
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        learning.override_method_config(arms, ["latent_bottleneck"])
 
 
 def hit_rate(eval_dir: Path) -> float:
