@@ -117,5 +117,5 @@ def test_cached_decode_matches_the_reference_loop_with_several_segments(switchin
 
 @pytest.mark.parametrize("method", ["text", "perception"])
 def test_methods_without_latent_segments_refuse_it(method):
-    with pytest.raises(ValueError, match="latent_bottleneck.*has none"):
+    with pytest.raises(ValueError, match="latent_bottleneck.*has no latent segments"):
         create_method(method, 32, latent_bottleneck=True)

@@ -186,7 +186,7 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
 
     batch = encode_prompts(model, images, prompts, prefixes)
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    fed = ids  # (n, L + steps so far): every input id, a latent as the latent pad (what the bottleneck mask reads)
+    fed = ids  # (n, L + steps) under the bottleneck: each input id, a latent as the latent pad (what its mask reads)
     if model.bottlenecked:
         model.require_4d_masks("latent_bottleneck")
     n, device = ids.shape[0], ids.device

@@ -233,7 +233,8 @@ class LatentVLM(nn.Module):
 
     @property
     def bottlenecked(self) -> bool:
-        """True when the method hides the question from the text after the latents (``latent_bottleneck``)."""
+        """True when what follows a row's first latent start sees what precedes it only through the latents
+        (``latent_bottleneck``)."""
         return self.method.uses_latents and self.method.config.latent_bottleneck
 
     def bottleneck_allowed(self, input_ids, attention_mask) -> torch.Tensor:
