@@ -9,7 +9,7 @@ check (accuracy with the latents zeroed, swapped between examples, or replaced b
     python bench/learning.py --budget full --jobs 8             # the same recipes scaled for a GPU
     python bench/learning.py --budget small --arms text_direct,mirage --tasks maze --seeds 0 --out runs/l
     python bench/learning.py --budget medium --arms mirage,cocova --tasks vsp,jigsaw --no-tune \
-        --method-config latent_bottleneck=true --out runs/bottleneck   # the latents as the only way to the answer
+        --method-config latent_bottleneck=true --report runs/bottleneck.md   # the latents as the only way to the answer
 
 Each (arm, task, seed, learning rate) is one job in its own process (`--jobs` at a time); a finished job leaves
 `result.json` in its folder and is not rerun while its settings, budget and the arm's settings for its task stay the
@@ -723,8 +723,8 @@ def main() -> int:
     ap.add_argument("--arms-dir", default=str(ARMS_DIR), help="folder of arm YAMLs (default: %(default)s)")
     ap.add_argument("--arms", help="comma-separated arm names (default: every YAML in --arms-dir)")
     ap.add_argument("--method-config", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="set in every stage's method_config of every arm run, e.g. latent_bottleneck=true (use its "
-                         "own --out: the jobs' folders are the arms' names)")
+                    help="set in every stage's method_config of every arm run, e.g. latent_bottleneck=true (the jobs' "
+                         "folders are named ARM+KEY=VALUE, beside the plain arm's)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
@@ -787,12 +787,14 @@ def main() -> int:
         prepare(arms[name], data[t])
     grid = {name: arm["learning_rates"] if args.tune else arm["learning_rates"][:1] for name, arm in arms.items()}
 
+    overrides = "".join(f"+{kv}" for kv in args.method_config)  # beside the plain arm's folders, not over them
+
     def job(name, task, seed, lr):
         trial = args.tune and seed == args.seeds[0]  # scored on val; on test once val picks it
         return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "budget": budget,
                 "split": "val" if trial else "test",
                 "data": str(data[task]), "fresh": str(fresh[task]), "base": bases[seed],
-                "out": str(root / "runs" / name / task / f"seed{seed}" / f"lr{lr:g}"),
+                "out": str(root / "runs" / (name + overrides) / task / f"seed{seed}" / f"lr{lr:g}"),
                 "cost": arms[name].get("cost", 1) * TASK_COST.get(task, 1)}
 
     trials, chosen = {}, {}

@@ -211,19 +211,21 @@ def test_train_throughput_times_one_arm(tiny_base, tmp_path):
 
 def test_untuned_seeds_start_together(tmp_path):
     """--no-tune: no seed waits for another (nothing is picked on val), so with 2 workers seed 1 starts before seed 0
-    has finished, and both are scored on test at the grid's first rate."""
+    has finished, and both are scored on test at the grid's first rate. With --method-config the jobs' folders are
+    named for it (a plain run's beside them stays) and the report's command says it."""
     cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms", "text_direct", "--tasks", "depth", "--no-tune",
            "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", "runs",
-           "--report", str(tmp_path / "LEARNING.md")]
+           "--method-config", "num_latent_tokens=4", "--report", str(tmp_path / "LEARNING.md")]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
     lr = learning.load_arm("text_direct")["learning_rates"][0]
-    jobs = {s: tmp_path / f"runs/runs/text_direct/depth/seed{s}/lr{lr:g}" for s in (0, 1)}
+    jobs = {s: tmp_path / f"runs/runs/text_direct+num_latent_tokens=4/depth/seed{s}/lr{lr:g}" for s in (0, 1)}
     results = {s: json.loads((job / "result.json").read_text()) for s, job in jobs.items()}
     assert all("accuracy" in r and "val_accuracy" not in r for r in results.values())
     for first, second in ((0, 1), (1, 0)):  # each began training before the other one's result was written
         assert (jobs[first] / "stage0.yaml").stat().st_mtime < (jobs[second] / "result.json").stat().st_mtime
     report = (tmp_path / "LEARNING.md").read_text()
     assert "not tuned" in report and "the first of the arm's grid for every seed" in report
+    assert "--method-config num_latent_tokens=4`" in report.splitlines()[2]
 
 
 def test_a_result_stays_valid_when_only_another_tasks_settings_change():
