@@ -213,8 +213,8 @@ def test_untuned_seeds_start_together(tmp_path):
     """--no-tune: no seed waits for another (nothing is picked on val), so with 2 workers seed 1 starts before seed 0
     has finished, and both are scored on test at the grid's first rate. With --method-config the jobs' folders are
     named for it (a plain run's beside them stays) and the report's command says it."""
-    cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms", "text_direct", "--tasks", "depth", "--no-tune",
-           "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", "runs",
+    cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--arms", "text_direct", "--tasks", "depth",
+           "--no-tune", "--seeds", "0,1", "--examples", "16", "--n", "30", "--jobs", "2", "--out", "runs",
            "--method-config", "num_latent_tokens=4", "--report", str(tmp_path / "LEARNING.md")]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
     lr = learning.load_arm("text_direct")["learning_rates"][0]

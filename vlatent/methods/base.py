@@ -106,8 +106,8 @@ class LatentMethod(nn.Module):
     def __init__(self, config: MethodConfig, hidden_size: int):
         super().__init__()
         if config.latent_bottleneck and not self.uses_latents:
-            raise ValueError(f"latent_bottleneck hides what precedes a row's first latent segment from what follows it, "
-                             f"and method {self.name!r} has no latent segments")
+            raise ValueError(f"latent_bottleneck hides what precedes a row's first latent segment from what follows "
+                             f"it, and method {self.name!r} has no latent segments")
         self.config = config
         self.hidden_size = hidden_size
 
