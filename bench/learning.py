@@ -19,6 +19,7 @@ same, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import json
 import multiprocessing
@@ -400,7 +401,7 @@ def trace_check(result: dict, data: Path) -> dict | None:
 def fingerprint(job: dict) -> dict:
     """What a job's result depends on (its settings, budget, and the arm as it applies to the job's task), kept in
     result.json to spot stale results: editing an arm's settings for one task leaves its other tasks' results valid."""
-    settings = {k: v for k, v in job.items() if k not in ("out", "cost")}
+    settings = {k: v for k, v in job.items() if k not in ("out", "cost", "commit")}
     if "arm" in job:  # not a sketches job
         # the figure is the sketches job's own setting: a new decoder recipe redraws the figure, not the training
         settings["arm"] = {k: v for k, v in job["arm"].items() if k not in ("tasks", "cost", "eval", "figure")}
@@ -418,7 +419,7 @@ def child(job: dict) -> None:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     result = RUNNERS[job.get("kind", "train")](job)
-    (out / "result.json").write_text(json.dumps({**result, "job": fingerprint(job)}))
+    (out / "result.json").write_text(json.dumps({**result, "commit": job["commit"], "job": fingerprint(job)}))
 
 
 def launch(job: dict, mp) -> dict:
@@ -499,10 +500,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def reused(done: list[dict]) -> str:
-    """How many of the invocation's jobs came from an earlier invocation's result.json, in words."""
-    n = sum(bool(r.get("reused")) for r in done)
-    return f"reusing {n} of {len(done)} finished jobs" if n else "every job run afresh"
+def reused(done: list[dict], now: str) -> str:
+    """How many of the invocation's jobs came from an earlier invocation's result.json, in words, with the commits that
+    made those (the fingerprints hold settings, not code: a job reused across commits ran the older code)."""
+    old = [r for r in done if r.get("reused")]
+    if not old:
+        return "every job run afresh"
+    made = collections.Counter(r.get("commit", "an unrecorded commit") for r in old)
+    return f"reusing {len(old)} of {len(done)} finished jobs, " + (
+        f"all made at this commit, {now}" if set(made) == {now}
+        else f"made at {', '.join(f'{c} ({n})' for c, n in made.items())}; this is {now}")
 
 
 def figure_name(report: Path, what: str) -> str:
@@ -751,6 +758,7 @@ def main() -> int:
     mp = multiprocessing.get_context("forkserver")
     mp.set_forkserver_preload(PRELOAD)
 
+    from train.pretrain_base import commit
     from vlatent.testing import build_tiny_base, pretrained_base
 
     t0 = time.time()
@@ -788,13 +796,14 @@ def main() -> int:
     grid = {name: arm["learning_rates"] if args.tune else arm["learning_rates"][:1] for name, arm in arms.items()}
 
     overrides = "".join(f"+{kv}" for kv in args.method_config)  # beside the plain arm's folders, not over them
+    revision = commit()
 
     def job(name, task, seed, lr):
         trial = args.tune and seed == args.seeds[0]  # scored on val; on test once val picks it
         return {"name": name, "arm": arms[name], "task": task, "seed": seed, "lr": lr, "budget": budget,
                 "split": "val" if trial else "test",
                 "data": str(data[task]), "fresh": str(fresh[task]), "base": bases[seed],
-                "out": str(root / "runs" / (name + overrides) / task / f"seed{seed}" / f"lr{lr:g}"),
+                "out": str(root / "runs" / (name + overrides) / task / f"seed{seed}" / f"lr{lr:g}"), "commit": revision,
                 "cost": arms[name].get("cost", 1) * TASK_COST.get(task, 1)}
 
     trials, chosen = {}, {}
@@ -816,7 +825,7 @@ def main() -> int:
         chosen[key] = best["lr"]
         more = [job(key[0], key[1], s, best["lr"]) for s in args.seeds[1:]] if args.tune else []
         if args.tune:
-            more.append({"kind": "test", **{k: best[k] for k in ("name", "task", "seed", "lr")},
+            more.append({"kind": "test", **{k: best[k] for k in ("name", "task", "seed", "lr")}, "commit": revision,
                          "arm": arms[key[0]], "data": str(data[key[1]]), "fresh": str(fresh[key[1]]),
                          "model": best["stages"][-1],
                          "cost": arms[key[0]].get("cost", 1) * TASK_COST.get(key[1], 1) / 4,
@@ -824,6 +833,7 @@ def main() -> int:
         figure = arms[key[0]].get("figure")
         if figure and figure["task"] == key[1]:
             more.append({"kind": "sketches", "name": key[0], "task": key[1], "seed": best["seed"], "lr": best["lr"],
+                         "commit": revision,
                          "figure": figure, "data": str(data[key[1]]), "model": best["stages"][-1],
                          **eval_settings(arms[key[0]], key[1]), "cost": 100,
                          "out": str(Path(best["stages"][-1]).parent / "sketches"),
@@ -853,7 +863,7 @@ def main() -> int:
     sketches = next((r for r in done if r.get("kind") == "sketches"), None)
     versions = {t: json.loads((data[t] / "dataset_info.json").read_text())["version"] for t in tasks}
     write_report(report, results, trials, args, budget, {t: chance(data[t]) for t in tasks}, versions, sketches,
-                 time.time() - t0, reused(done))
+                 time.time() - t0, reused(done, revision))
     plot_curves(report.parent / figure_name(report, "curves"), results)
     print(f"report: {report}")
     return 0

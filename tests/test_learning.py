@@ -158,6 +158,8 @@ def test_one_arm_end_to_end(tmp_path):
     assert [p.name for p in (runs / "seed1").iterdir()] == [f"lr{chosen:g}"]
     result = json.loads((runs / f"seed1/lr{chosen:g}/result.json").read_text())
     assert result["examples_seen"] == 32 and "val_accuracy" not in result
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert result["commit"].startswith(head)  # "+dirty" after it when the checkout has changes
     assert set(result["interventions"]) == {"zero", "swap", "noise"}
     # seed 0's test split and interventions: a job of their own, for the rate val picked only
     picked = json.loads((runs / f"seed0/lr{chosen:g}/test/result.json").read_text())
@@ -180,6 +182,7 @@ def test_one_arm_end_to_end(tmp_path):
     stamp = (runs / "seed1" / f"lr{chosen:g}" / "result.json").stat().st_mtime
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=600)
     assert (runs / "seed1" / f"lr{chosen:g}" / "result.json").stat().st_mtime == stamp
+    assert "reusing 5 of 5 finished jobs, all made at this commit" in (tmp_path / "LEARNING.md").read_text()
     arm["eval"]["max_new_tokens"] = {"default": 40, "maze": 30}
     (arms / "sketchpad.yaml").write_text(yaml.safe_dump(arm))
     before = time.time()
@@ -226,6 +229,16 @@ def test_untuned_seeds_start_together(tmp_path):
     report = (tmp_path / "LEARNING.md").read_text()
     assert "not tuned" in report and "the first of the arm's grid for every seed" in report
     assert "--method-config num_latent_tokens=4`" in report.splitlines()[2]
+
+
+def test_reused_jobs_name_the_commits_that_made_them():
+    """A reused result ran the code of its own commit (fingerprints hold settings, not code): the report says which."""
+    done = [{"reused": True, "commit": "a1"}, {"reused": True, "commit": "b2"}, {"reused": True}, {"commit": "b2"}]
+    assert learning.reused(done, "b2") == ("reusing 3 of 4 finished jobs, made at a1 (1), b2 (1), an unrecorded "
+                                           "commit (1); this is b2")
+    assert learning.reused(done[1:2] + done[3:], "b2") == "reusing 1 of 2 finished jobs, all made at this commit, b2"
+    assert learning.reused(done[3:], "b2") == "every job run afresh"
+    assert learning.fingerprint({"name": "a", "commit": "a1"}) == learning.fingerprint({"name": "a", "commit": "b2"})
 
 
 def test_a_result_stays_valid_when_only_another_tasks_settings_change():
