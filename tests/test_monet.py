@@ -252,6 +252,42 @@ def test_stage2_mask_hides_the_aux_image_except_through_the_latents(stage2, reco
     assert changed(batch["attention_mask"])[vision_end]
 
 
+def test_stage2_with_the_bottleneck_hides_the_question_from_all_after_the_first_start(stage2, records):
+    """``latent_bottleneck`` in stage 2 (its mask ANDed with the stage-2 rule): the question picture perturbed, latent
+    vectors fixed, on the record with two segments. Nothing after the first latent start changes but the later start
+    tokens, the second auxiliary image included (it sits after that start); without the option the latents and the
+    text after them change."""
+    batch = stage2.collator()(records[1:2])
+    c = stage2.method.config
+    n_question = int(batch["image_grid_thw"][0].prod())
+    perturbed = batch["pixel_values"].clone()
+    perturbed[:n_question] += torch.randn_like(perturbed[:n_question])
+    slots = stage2.latent_slots(batch)
+    z = torch.randn(slots[0].numel(), stage2.backbone.hidden_size)
+    ids = batch["input_ids"][0]
+    starts = (ids == c.latent_start_id).nonzero().flatten().tolist()
+    assert len(starts) == 2 and starts[1] > image_runs(ids, stage2.backbone.image_token_id)[2][0]
+
+    def changed(model):
+        mask = model.method.stage2_mask(model, batch, model.dtype)
+        outs = []
+        for pixels in (batch["pixel_values"], perturbed):
+            b = {**batch, "pixel_values": pixels}
+            with torch.no_grad():
+                embeds = model.embed_inputs(b).index_put(slots, z)
+                outs.append(model.backbone(embeds, model.position_ids(b), mask).last_hidden_state[0])
+        return (outs[0] - outs[1]).abs().amax(-1) > 1e-5
+
+    blind = copy.deepcopy(stage2)
+    blind.method.config.latent_bottleneck = True
+    after = torch.arange(len(ids)) > starts[0]
+    cut = changed(blind)
+    assert cut[starts[0]] and cut[starts[1]]  # the start tokens read the question
+    after[starts[1]] = False
+    assert not cut[after].any()
+    assert changed(stage2)[after].all()
+
+
 def test_a_stage2_batch_must_have_images_before_latents(stage2, stage3, records):
     with pytest.raises(ValueError, match="does not follow an auxiliary image"):
         stage2.method.stage2_mask(stage2, stage3.collator()(records[:1]), torch.float32)
