@@ -228,17 +228,22 @@ def intervention_scores(model, task: str, data: str, settings: dict, seed: int) 
         scores["latent_across"] = alike.across
     # "swap": intervene's own donor rule (the next example with latents), over the whole split rather than per batch;
     # the one example of a split where no other has latents keeps its own
-    donors = [baseline[d if d is not None else i] for i, d in
-              enumerate(next_with_latents(baseline, i) for i in range(len(baseline)))]
+    donor = [d if d is not None else i for i, d in enumerate(next_with_latents(baseline, i)
+                                                             for i in range(len(baseline)))]
     for mode in INTERVENTIONS:
-        correct = changed = 0
+        correct = changed = donors_correct = 0
         for a, b in chunks:
-            swap = {"donor_runs": donors[a:b]} if mode == "swap" else {}
+            swap = {"donor_runs": [baseline[d] for d in donor[a:b]]} if mode == "swap" else {}
             runs = intervene(model, images[a:b], prompts[a:b], mode, baseline=baseline[a:b], seed=seed, **swap,
                              **kwargs)
             correct += sum(judge(bench, ex, r.generation.text)["correct"] for ex, r in zip(examples[a:b], runs))
             changed += sum(r.changed for r in runs)
+            if mode == "swap":  # judged against the donor's answer: latents that carry their example answer for it
+                donors_correct += sum(judge(bench, examples[d], r.generation.text)["correct"]
+                                      for d, r in zip(donor[a:b], runs))
         scores["interventions"][mode] = {"accuracy": correct / len(examples), "changed": changed / len(examples)}
+        if mode == "swap":
+            scores["interventions"][mode]["donor_accuracy"] = donors_correct / len(examples)
     return scores
 
 
@@ -578,9 +583,11 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
               "same norm; \"changed\" is the share of answers whose text changed; \"latent rate\" the share of "
               "answers that reasoned in latents at all; \"alike\" the mean cosine between different examples' "
               "latents at the same step (`vlatent.analysis.generated_specificity`; near 1: every example gets the same "
-              "latents, so a swap has nothing to change).", "",
-              "| arm | task | accuracy | zero | swap | noise | changed (zero/swap/noise) | latent rate | alike |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "latents, so a swap has nothing to change); \"donor's\" the swapped run judged against the donor "
+              "example's answer (latents that carry their example make the answer the donor's: this nears the "
+              "unmodified accuracy while the swap column falls).", "",
+              "| arm | task | accuracy | zero | swap | donor's | noise | changed (zero/swap/noise) | latent rate | "
+              "alike |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         for t in tasks:
             rs = [r for r in ok if r["name"] == arm and r["task"] == t and r["interventions"]]
@@ -591,9 +598,11 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
                            for m in INTERVENTIONS)
             across = [r["latent_across"] for r in rs if "latent_across" in r]  # results before it was measured: —
             alike = f"{statistics.mean(across):.3f}" if across else "—"
+            donors = mean_std([r["interventions"]["swap"]["donor_accuracy"] for r in rs
+                               if "donor_accuracy" in r["interventions"]["swap"]])  # results before it: —
             lines.append(f"| {arm} | {t} | {mean_std([r['accuracy'] for r in rs])} | {cell['zero']} | {cell['swap']} "
-                         f"| {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} | "
-                         f"{alike} |")
+                         f"| {donors} | {cell['noise']} | {chg} | {statistics.mean(r['latent_rate'] for r in rs):.2f} "
+                         f"| {alike} |")
     traced = [(arm, t, rs) for arm in arms for t in tasks
               for rs in [[r["trace"] for r in ok if r["name"] == arm and r["task"] == t and r.get("trace")]]
               if any(x["start"] or x["steps"] for x in rs)]  # an arm that writes no cell sentence has no row

@@ -161,6 +161,7 @@ def test_one_arm_end_to_end(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert result["commit"].startswith(head)  # "+dirty" after it when the checkout has changes
     assert set(result["interventions"]) == {"zero", "swap", "noise"}
+    assert 0 <= result["interventions"]["swap"]["donor_accuracy"] <= 1
     # seed 0's test split and interventions: a job of their own, for the rate val picked only
     picked = json.loads((runs / f"seed0/lr{chosen:g}/test/result.json").read_text())
     assert picked["accuracy"] == pytest.approx(hit_rate(runs / f"seed0/lr{chosen:g}/test/eval_test"))
@@ -170,7 +171,7 @@ def test_one_arm_end_to_end(tmp_path):
     assert [p.parent.name for p in runs.glob("seed0/*/test")] == [f"lr{chosen:g}"]
     report = (tmp_path / "LEARNING.md").read_text()
     assert "| sketchpad | maze |" in report and "| chance |" in report and "val accuracy per rate" in report
-    assert "| latent rate | alike |" in report
+    assert "| swap | donor's | noise |" in report and "| latent rate | alike |" in report
     assert "sketchpad's sketches (maze, seed 0)" in report
     assert "The model's own sketches (" in report or "drew no whole sketch on the 3 scored" in report
     assert "Given the true earlier steps (the true sketches in the latent slots and in the head's context)" in report
