@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from vlatent.analysis import intervene
 from vlatent.methods import create_method
 from vlatent.methods.base import bottleneck_allowed
 from vlatent.methods.mirage import pool_to_k
@@ -96,6 +97,22 @@ def test_generation_text_after_the_latents_follows_them_alone(mirage_model):
 
     free = run(model)
     assert not torch.allclose(free[0].segments[0].latents, free[1].segments[0].latents)
+
+
+def test_a_swap_under_the_bottleneck_writes_the_donors_continuation(mirage_model):
+    """Everything after the first latent start sees only the latents, so a run fed another example's latents goes on
+    exactly as that donor's own run did (the bench's donor column then equals the plain accuracy). Any leak of the own
+    picture or question into the decode loop breaks the equality; without the option the runs differ."""
+    images = [[tiny_image(seed=s)] for s in (1, 2, 3)]
+    prompts = ["Which way first?", "Where is the goal in this picture?", "Left?"]  # lengths differ: positions shift
+    kw = dict(prefix=["Let me think.<|latent_start|>"] * 3, max_new_tokens=16)
+    for model, same in ((bottlenecked(mirage_model), True), (mirage_model, False)):
+        runs = intervene(model, images, prompts, "swap", **kw)
+        assert [r.donor for r in runs] == [1, 2, 0]
+        donors = [runs[r.donor].baseline for r in runs]
+        assert all(r.baseline.latent_segments for r in runs)
+        followed = [r.generation.token_ids == d.token_ids for r, d in zip(runs, donors)]
+        assert all(followed) if same else not all(followed), followed
 
 
 def test_cached_decode_matches_the_reference_loop_with_several_segments(switching_model):
