@@ -113,6 +113,9 @@ MUTANTS = [
     Mutant("monet_stage2_ignores_bottleneck", "vlatent/methods/monet.py",
            'allowed &= model.bottleneck_allowed(ids, batch["attention_mask"])', "pass",
            ["tests/test_monet.py::test_stage2_with_the_bottleneck_hides_the_question_from_all_after_the_first_start"]),
+    Mutant("donor_column_judges_the_next_example", "bench/learning.py",
+           'judge(bench, examples[d], r.generation.text)', "judge(bench, examples[(d + 1) % len(examples)], "
+           "r.generation.text)", ["tests/test_learning.py::test_the_swap_judged_against_its_donor"]),
     Mutant("vlpo_scoring_ignores_bottleneck", "vlatent/training/vlpo.py",
            "positions, model.decoder_mask(sequence, embeds.dtype),", 'positions, sequence["attention_mask"],',
            ["tests/test_vlpo.py::test_rollouts_score_each_latent_with_the_state_that_produced_it"]),

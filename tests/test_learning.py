@@ -232,6 +232,35 @@ def test_untuned_seeds_start_together(tmp_path):
     assert "--method-config num_latent_tokens=4`" in report.splitlines()[2]
 
 
+def test_the_swap_judged_against_its_donor(mirage_model, tmp_path):
+    """The donor's column judges each swapped run against the example whose latents it was fed (the next one). Each
+    test record's answer is set to what the model itself answers (its last word), so the unmodified accuracy is 1.
+    Under the latent bottleneck a swapped run goes on exactly as its donor's, so it answers the donor's question:
+    donor's accuracy 1 and swap accuracy the share of neighbours whose answers agree; without the option the runs
+    differ from their donors'."""
+    from eval.benchmarks import extract_answer, get_benchmark, load_examples
+    from eval.run import latent_kwargs
+
+    subprocess.run([sys.executable, "-m", "data_builders.maze", "--out", str(tmp_path), "--n", "40",
+                    *learning.TASKS["maze"]], check=True, cwd=ROOT, capture_output=True)  # free-form answers
+    settings = {"max_new_tokens": 10, "latent": "on"}
+    blind = copy.deepcopy(mirage_model)
+    blind.method.config.latent_bottleneck = True
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").open()]
+    examples = load_examples(get_benchmark("maze"), tmp_path, "test")  # the prompts the bench generates from
+    runs = blind.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples], max_new_tokens=10,
+                          **latent_kwargs(blind, "on"))
+    answers = [extract_answer(g.text) for g in runs]
+    assert len(test) >= 3 and all(answers)
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({**r, "answer": a}) + "\n" for r, a in zip(test, answers)))
+
+    scores = learning.intervention_scores(blind, "maze", str(tmp_path), settings, seed=0)["interventions"]["swap"]
+    agree = sum(answers[i] == answers[(i + 1) % len(answers)] for i in range(len(answers))) / len(answers)
+    assert scores["donor_accuracy"] == 1.0 and scores["accuracy"] == pytest.approx(agree)
+    plain = learning.intervention_scores(mirage_model, "maze", str(tmp_path), settings, seed=0)
+    assert plain["interventions"]["swap"]["donor_accuracy"] < 1.0
+
+
 def test_reused_jobs_name_the_commits_that_made_them():
     """A reused result ran the code of its own commit (fingerprints hold settings, not code): the report says which."""
     done = [{"reused": True, "commit": "a1"}, {"reused": True, "commit": "b2"}, {"reused": True}, {"commit": "b2"}]
