@@ -238,7 +238,7 @@ def test_the_swap_judged_against_its_donor(mirage_model, tmp_path):
     Under the latent bottleneck a swapped run goes on exactly as its donor's, so it answers the donor's question:
     donor's accuracy 1 and swap accuracy the share of neighbours whose answers agree; without the option the runs
     differ from their donors'."""
-    from eval.benchmarks import extract_answer, get_benchmark, load_examples
+    from eval.benchmarks import answer_text, extract_answer, get_benchmark, load_examples
     from eval.run import latent_kwargs
 
     subprocess.run([sys.executable, "-m", "data_builders.maze", "--out", str(tmp_path), "--n", "40",
@@ -248,9 +248,9 @@ def test_the_swap_judged_against_its_donor(mirage_model, tmp_path):
     blind.method.config.latent_bottleneck = True
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").open()]
     examples = load_examples(get_benchmark("maze"), tmp_path, "test")  # the prompts the bench generates from
-    runs = blind.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples], max_new_tokens=10,
-                          **latent_kwargs(blind, "on"))
-    answers = [extract_answer(g.text) for g in runs]
+    runs = blind.generate([ex.open_images() for ex in examples], [ex.prompt for ex in examples],
+                          max_new_tokens=settings["max_new_tokens"], **latent_kwargs(blind, "on"))
+    answers = [extract_answer(answer_text(g.text)) for g in runs]  # what the judge reads
     assert len(test) >= 3 and all(answers)
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({**r, "answer": a}) + "\n" for r, a in zip(test, answers)))
 
