@@ -517,6 +517,29 @@ def reused(done: list[dict], now: str) -> str:
         else f"made at {', '.join(f'{c} ({n})' for c, n in made.items())}; this is {now}")
 
 
+def command_line(ap: argparse.ArgumentParser, args) -> str:
+    """The invocation with every option that can change a result and differs from its default (not ``--jobs``,
+    ``--out``, ``--report``), ``--budget`` always: the report's first line, to rerun it."""
+    parts = ["python bench/learning.py", f"--budget {args.budget}"]
+    for action in ap._actions:
+        if not action.option_strings or action.dest in ("help", "budget", "jobs", "out", "report"):
+            continue
+        value, default = getattr(args, action.dest), action.default
+        if isinstance(default, str) and action.type:
+            default = action.type(default)  # as argparse converts a string default
+        if value == default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            parts.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            sep = " " if action.nargs == "*" else ","
+            parts.append(f"{flag} " + sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in value))
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
 def figure_name(report: Path, what: str) -> str:
     """A report's figure file, named after it so that reports in one folder keep their own (LEARNING.md:
     learning_curves.png, LEARNING_medium.md: learning_medium_curves.png)."""
@@ -535,8 +558,7 @@ def write_report(path: Path, results: list[dict], trials: dict, args, budget: di
         f"{k} {v:.3f}" for k, v in (base["perception"] or {}).items()) + " of held-out cells read right)"
              if base["kind"] != "random" else "random tiny bases (one per seed)")
     lines = ["# Learning benchmark", "",
-             f"`python bench/learning.py --budget {args.budget}"
-             + "".join(f" --method-config {kv}" for kv in args.method_config) + f"` ({budget['device_note']}, "
+             f"`{args.command}` ({budget['device_note']}, "
              f"{len(args.seeds)} seeds, {budget['examples']} training examples seen per arm, every arm fine-tuned "
              f"whole from {start}). Compute: {sum(r.get('total_s', 0) for r in jobs_run) / 60:.1f} job-minutes "
              f"incl. the learning-rate trials (jobs run {args.jobs} at a time; this invocation took "
@@ -733,7 +755,8 @@ def plot_curves(path: Path, results: list[dict]) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that `command_line` can be tested on it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", choices=list(BUDGETS), default="small")
     ap.add_argument("--arms-dir", default=str(ARMS_DIR), help="folder of arm YAMLs (default: %(default)s)")
@@ -760,7 +783,13 @@ def main() -> int:
                     help="with --base random: override the tiny backbone, e.g. vision_depth=4")
     ap.add_argument("--out", default=str(ROOT / "runs" / "learning"))
     ap.add_argument("--report", default=str(ROOT / "bench" / "LEARNING.md"))
+    return ap
+
+
+def main() -> int:
+    ap = build_parser()
     args = ap.parse_args()
+    args.command = command_line(ap, args)
     # one thread per job (--jobs of them share the cores), offline: set before the job server starts
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["HF_HUB_OFFLINE"] = "1"

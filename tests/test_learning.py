@@ -229,7 +229,9 @@ def test_untuned_seeds_start_together(tmp_path):
         assert (jobs[first] / "stage0.yaml").stat().st_mtime < (jobs[second] / "result.json").stat().st_mtime
     report = (tmp_path / "LEARNING.md").read_text()
     assert "not tuned" in report and "the first of the arm's grid for every seed" in report
-    assert "--method-config num_latent_tokens=4`" in report.splitlines()[2]
+    assert report.splitlines()[2].startswith(
+        "`python bench/learning.py --budget small --arms text_direct --method-config num_latent_tokens=4 --tasks depth "
+        "--seeds 0,1 --no-tune --examples 16 --n 30` (")
 
 
 def test_the_swap_judged_against_its_donor(mirage_model, tmp_path):
@@ -259,6 +261,18 @@ def test_the_swap_judged_against_its_donor(mirage_model, tmp_path):
     assert scores["donor_accuracy"] == 1.0 and scores["accuracy"] == pytest.approx(agree)
     plain = learning.intervention_scores(mirage_model, "maze", str(tmp_path), settings, seed=0)
     assert plain["interventions"]["swap"]["donor_accuracy"] < 1.0
+
+
+def test_the_reports_command_has_every_option_that_changes_a_result():
+    ap = learning.build_parser()
+    args = ap.parse_args(["--budget", "medium", "--arms-dir", "runs/arms", "--method-config", "latent_bottleneck=true",
+                          "stage=2", "--seeds", "0,1", "--learning-rates", "1e-3,3e-4", "--jobs", "4", "--out", "x"])
+    assert learning.command_line(ap, args) == (
+        "python bench/learning.py --budget medium --arms-dir runs/arms --method-config latent_bottleneck=true stage=2 "
+        "--seeds 0,1 --learning-rates 0.001,0.0003")  # --jobs and --out change no result
+    assert learning.command_line(ap, ap.parse_args([])) == "python bench/learning.py --budget small"
+    args = ap.parse_args(["--tune", "--tasks", ",".join(learning.TASKS), "--base", "random", "--backbone", "a=1"])
+    assert learning.command_line(ap, args) == "python bench/learning.py --budget small --base random --backbone a=1"
 
 
 def test_reused_jobs_name_the_commits_that_made_them():
