@@ -106,7 +106,7 @@ MUTANTS = [
            ["tests/test_bottleneck.py::"
             "test_blind_positions_see_only_what_follows_the_first_latent_start"], fast=True),
     Mutant("bottleneck_cached_step_masks_the_first_row", "vlatent/generation.py",
-           "step_mask = attn * ~(blind[:, -1:] & hidden_keys)", "step_mask = attn * ~(blind[:, :1] & hidden_keys)",
+           "blind = opened & ~is_start", "blind = ~is_start",
            ["tests/test_bottleneck.py::test_generation_text_after_the_latents_follows_them_alone",
             "tests/test_bottleneck.py::test_cached_decode_matches_the_reference_loop_with_several_segments",
             "tests/test_bottleneck.py::test_a_swap_under_the_bottleneck_writes_the_donors_continuation"]),

@@ -186,9 +186,12 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
 
     batch = encode_prompts(model, images, prompts, prefixes)
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    fed = ids  # (n, L + steps) under the bottleneck: each input id, a latent as the latent pad (what its mask reads)
+    fed = ids  # (n, L + steps), reference loop under the bottleneck: each input id, a latent as the latent pad
     if model.bottlenecked:
         model.require_4d_masks("latent_bottleneck")
+        # the cached loop grows the spans one column a step instead of recomputing them over the whole prefix
+        hidden_keys = bottleneck_spans(ids, start_id)[0]  # (n, L + steps)
+        opened = (ids == start_id).any(1)  # (n,) rows whose first latent start has been fed
     n, device = ids.shape[0], ids.device
     positions = backbone.position_ids(ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attn)  # (3, n, L)
     next_pos = positions.reshape(-1, n, positions.shape[-1]).amax(dim=(0, 2)) + 1  # (n,); M-RoPE or 1-D alike
@@ -304,13 +307,16 @@ def generate(model, images, prompts, max_new_tokens: int = 256, do_sample: bool 
             step_pos = step_pos.clone()
             step_pos[..., rows, 0] = segment_start[rows] + offsets[..., slot]
         attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
-        if model.bottlenecked:
+        if model.bottlenecked and not use_cache:
             fed = torch.cat([fed, torch.where(feed_latent, pad_latent_id, tokens)[:, None]], dim=1)
         if use_cache:
             step_mask = attn
-            if model.bottlenecked:  # the fed token's row of the bottleneck mask
-                hidden_keys, blind = bottleneck_spans(fed, start_id)
-                step_mask = attn * ~(blind[:, -1:] & hidden_keys)
+            if model.bottlenecked:  # the fed token's row of the bottleneck mask (``bottleneck_spans``, one column on)
+                is_start = ~feed_latent & (tokens == start_id)
+                blind = opened & ~is_start  # after the row's first start, and not a start itself
+                hidden_keys = torch.cat([hidden_keys, (~opened | is_start)[:, None]], dim=1)
+                opened = opened | is_start
+                step_mask = attn * ~(blind[:, None] & hidden_keys)
             out = backbone(next_embeds, step_pos, step_mask, past_key_values=cache, use_cache=True, visual=visual)
             cache = out.past_key_values
         else:  # reference path: the whole prefix again
